@@ -1,0 +1,40 @@
+"""Typed settings for every component, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    """HF folder or .gguf file; None means the default model (SmolLM2-135M-Instruct)."""
+    dtype: Dtype = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    """None: size the pool from `kv_cache_memory_gb`."""
+    kv_cache_memory_gb: float = 2.0
+    max_model_len: int | None = None
+    """None: the model's own context length."""
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_waiting: int = 4096
+    """Requests queued beyond this are refused (the frontend answers 503)."""
+    num_threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    workers: int = 1
+    served_model_name: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024

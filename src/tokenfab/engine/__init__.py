@@ -1,0 +1,1 @@
+"""One worker's inference engine: model, paged KV cache, scheduler, sampler, runner, step loop."""

@@ -1,0 +1,1 @@
+"""KV cache beyond one worker: block hashing shared by engine, frontend and router; tiers; transfer."""

@@ -1,0 +1,215 @@
+"""Every message that crosses a component boundary.
+
+msgspec Structs, encoded as msgpack on the wire (`encode` / `decode` below); never pickle.
+Components know each other only through these types.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How to pick tokens and when to stop. Field names and defaults follow vLLM's, so users
+    can carry code over."""
+
+    max_tokens: int | None = 16
+    """Generated-token cap; None means up to the model's context length."""
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 or -1 disables top-k."""
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the sampled token's logprob plus the top-k alternatives."""
+    skip_special_tokens: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError with a message fit for an API client if any field is out of range."""
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1,
+            "max_tokens must be at least 1",
+            self.max_tokens,
+        )
+        _check(self.min_tokens >= 0, "min_tokens must be non-negative", self.min_tokens)
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens must not exceed max_tokens",
+            self.min_tokens,
+        )
+        _check(
+            _finite(self.temperature) and self.temperature >= 0.0,
+            "temperature must be a finite number >= 0",
+            self.temperature,
+        )
+        _check(
+            _finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]", self.top_p
+        )
+        _check(self.top_k >= -1, "top_k must be -1, 0 (disabled) or a positive integer", self.top_k)
+        _check(
+            _finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]", self.min_p
+        )
+        _check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+            "repetition_penalty must be > 0",
+            self.repetition_penalty,
+        )
+        _check(
+            _finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty must be in [-2, 2]",
+            self.presence_penalty,
+        )
+        _check(
+            _finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty must be in [-2, 2]",
+            self.frequency_penalty,
+        )
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= 20,
+            "logprobs must be between 0 and 20",
+            self.logprobs,
+        )
+        _check(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)", self.seed)
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop strings must be non-empty",
+            self.stop,
+        )
+        _check(len(self.stop) <= 16, "at most 16 stop strings", len(self.stop))
+        _check(
+            all(t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids must be non-negative",
+            self.stop_token_ids,
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def _check(ok: bool, message: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{message} (got {value!r})")
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    """A tokenized prompt to complete. Built by the frontend (or `LLM`), run by an engine."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    cache_salt: str | None = None
+    """Extra key folded into every block hash, isolating this request's prefix cache."""
+    lora_name: str | None = None
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class PositionLogprobs(msgspec.Struct, array_like=True):
+    """The sampled token's logprob and the top alternatives at one position."""
+
+    token_id: int
+    logprob: float
+    top: list[TokenLogprob] = []
+
+
+class GenerateOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One step of a request's stream: the tokens (and text) new since the previous output."""
+
+    request_id: str
+    token_ids: list[int] = []
+    text: str = ""
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the request, if any."""
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# ---------------------------------------------------------------- KV events (router input)
+
+
+class BlockStored(msgspec.Struct, tag=True, kw_only=True):
+    """Full blocks became cached (and so reusable by prefix) on an engine."""
+
+    event_id: int
+    block_hashes: list[int]
+    parent_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_name: str | None = None
+
+
+class BlockRemoved(msgspec.Struct, tag=True, kw_only=True):
+    """Cached blocks were evicted and their prefixes are gone from that engine."""
+
+    event_id: int
+    block_hashes: list[int]
+
+
+class AllBlocksCleared(msgspec.Struct, tag=True, kw_only=True):
+    """The engine dropped its whole prefix cache (e.g. reset)."""
+
+    event_id: int
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(msgspec.Struct, kw_only=True):
+    """KV events of one engine, in event-id order, as published on the event plane."""
+
+    worker_id: str
+    events: list[KVEvent]
+
+
+class LoadReport(msgspec.Struct, kw_only=True):
+    """A worker's load, published periodically for the router and planner."""
+
+    worker_id: str
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    timestamp: float
+
+
+# ---------------------------------------------------------------- wire encoding
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decoder(typ: type) -> msgspec.msgpack.Decoder:
+    """A reusable decoder for one message type (or a union)."""
+    return msgspec.msgpack.Decoder(typ)
