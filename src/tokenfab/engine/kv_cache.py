@@ -1,0 +1,263 @@
+"""Paged KV cache bookkeeping: a pool of fixed-size blocks, a block table per sequence, a
+prefix cache keyed by chained block hashes, LRU eviction and KV events.
+
+Pure Python: no torch, no clock. The tensors live in the runner; this module only decides
+which physical block holds which positions.
+
+Block life cycle: a block is either *in use* (ref_count > 0, in one or more block tables) or
+*free* (in the free queue). A full, computed block also carries its chained hash and sits in
+the cached map, so a later sequence with the same prefix can take it (even after it was freed)
+instead of recomputing. A free block is reused from the head of the free queue; if it was
+cached, its hash is dropped and a BlockRemoved event emitted. Freed blocks without a hash go to
+the head (they are worthless), cached ones to the tail, a sequence's deepest block first, so
+eviction is LRU and removes the longest prefixes before the shared roots.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tokenfab.engine.sequence import Sequence
+from tokenfab.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+EventSink = Callable[[list[KVEvent]], None]
+
+
+def request_extra_keys(lora_name: str | None, cache_salt: str | None) -> tuple[str, ...]:
+    """Extra keys folded into a request's block hashes (see tokenfab.kv.hashing.root_hash).
+    The router must use the same function to predict this engine's hashes."""
+    keys: list[str] = []
+    if lora_name:
+        keys.append(f"lora={lora_name}")
+    if cache_salt:
+        keys.append(f"salt={cache_salt}")
+    return tuple(keys)
+
+
+@dataclass(slots=True)
+class _Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+@dataclass(slots=True)
+class _SeqBlocks:
+    table: list[int]
+    num_hashed: int = 0
+    """Leading blocks of `table` already registered in the prefix cache (or known shared)."""
+
+
+@dataclass(slots=True)
+class KVCacheStats:
+    num_blocks: int
+    num_used: int
+    num_cached_free: int
+    prefix_queries: int
+    prefix_hits: int
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        event_sink: EventSink | None = None,
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1 ({num_blocks}, {block_size})")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.event_sink = event_sink
+        self._blocks = [_Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order (head = next to reuse). OrderedDict gives O(1) removal
+        # from the middle when a prefix hit revives a free cached block.
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._seqs: dict[str, _SeqBlocks] = {}
+        self._pending: list[KVEvent] = []
+        self._next_event_id = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def block_table(self, request_id: str) -> list[int]:
+        entry = self._seqs.get(request_id)
+        return entry.table if entry is not None else []
+
+    def ref_count(self, block_id: int) -> int:
+        return self._blocks[block_id].ref_count
+
+    def is_cached(self, block_hash: int) -> bool:
+        return block_hash in self._cached
+
+    def stats(self) -> KVCacheStats:
+        cached_free = sum(1 for b in self._free if self._blocks[b].block_hash is not None)
+        return KVCacheStats(
+            self.num_blocks, self.num_used_blocks, cached_free, self.prefix_queries, self.prefix_hits
+        )
+
+    # ------------------------------------------------------------------ admission
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached prefix of `seq`, leaving at least one token to
+        compute (logits come only from computed tokens). Takes no references."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for h in seq.block_hashes[:max_blocks]:
+            block_id = self._cached.get(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
+
+    def allocate(
+        self, seq: Sequence, num_tokens: int, cached_prefix: list[int] | None = None
+    ) -> bool:
+        """Make `seq`'s block table cover `num_tokens` positions, first taking the blocks of
+        `cached_prefix` (only for a sequence with no table yet). All or nothing: returns False
+        and changes nothing if the free pool is too small."""
+        entry = self._seqs.get(seq.request_id)
+        have = len(entry.table) if entry is not None else 0
+        prefix = cached_prefix or []
+        if prefix and have:
+            raise ValueError(f"{seq.request_id}: a cached prefix is only taken at admission")
+        need = -(-num_tokens // self.block_size) - have - len(prefix)
+        reviving = sum(1 for b in prefix if self._blocks[b].ref_count == 0)
+        if max(need, 0) + reviving > len(self._free):
+            return False
+        if entry is None:
+            entry = self._seqs[seq.request_id] = _SeqBlocks([])
+        for block_id in prefix:
+            block = self._blocks[block_id]
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+            entry.table.append(block_id)
+        if prefix:
+            entry.num_hashed = len(entry.table)
+        for _ in range(need):
+            entry.table.append(self._take_free_block())
+        return True
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self._blocks[block_id]
+        if block.block_hash is not None:
+            # Evicting a cached block: its prefix is gone from this engine.
+            if self._cached.get(block.block_hash) == block_id:
+                del self._cached[block.block_hash]
+                self._emit_removed(block.block_hash)
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id
+
+    # ------------------------------------------------------------------ progress
+
+    def commit(self, seq: Sequence) -> None:
+        """Register the sequence's newly full, computed blocks in the prefix cache (called after
+        a step computed them) and emit one BlockStored for them."""
+        if not self.enable_prefix_caching:
+            return
+        entry = self._seqs.get(seq.request_id)
+        if entry is None:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
+        if num_full <= entry.num_hashed:
+            return
+        stored: list[int] = []
+        tokens: list[int] = []
+        first = entry.num_hashed
+        for i in range(first, num_full):
+            h = seq.block_hashes[i]
+            block = self._blocks[entry.table[i]]
+            if h in self._cached:
+                # Another sequence computed the same block meanwhile; keep the first copy.
+                if stored:
+                    break  # keep events contiguous chains; the rest is stored next time
+                first = i + 1
+                continue
+            block.block_hash = h
+            self._cached[h] = block.block_id
+            stored.append(h)
+            tokens.extend(seq.block_tokens(i))
+        entry.num_hashed = first + len(stored) if stored else num_full
+        if stored:
+            parent = seq.block_hashes[first - 1] if first > 0 else None
+            self._emit(
+                BlockStored(
+                    event_id=self._event_id(),
+                    block_hashes=stored,
+                    parent_hash=parent,
+                    token_ids=tokens,
+                    block_size=self.block_size,
+                    lora_name=seq.lora_name,
+                )
+            )
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks (finished, aborted or preempted)."""
+        entry = self._seqs.pop(seq.request_id, None)
+        if entry is None:
+            return
+        # Deepest block first, so the tail of the LRU queue keeps the shared roots longest.
+        for block_id in reversed(entry.table):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                if block.block_hash is None:
+                    self._free.move_to_end(block_id, last=False)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached hash (only when no block is in use). Emits AllBlocksCleared."""
+        if self.num_used_blocks:
+            return False
+        for block in self._blocks:
+            block.block_hash = None
+        self._cached.clear()
+        self._emit(AllBlocksCleared(event_id=self._event_id()))
+        return True
+
+    # ------------------------------------------------------------------ events
+
+    def _emit_removed(self, block_hash: int) -> None:
+        last = self._pending[-1] if self._pending else None
+        if isinstance(last, BlockRemoved):
+            # Evictions within one step travel as one event.
+            last.block_hashes.append(block_hash)
+        else:
+            self._emit(BlockRemoved(event_id=self._event_id(), block_hashes=[block_hash]))
+
+    def _event_id(self) -> int:
+        self._next_event_id += 1
+        return self._next_event_id
+
+    def _emit(self, event: KVEvent) -> None:
+        if self.event_sink is not None:
+            self._pending.append(event)
+
+    def flush_events(self) -> None:
+        """Hand the events of the last step to the sink, in event-id order (one call)."""
+        if self._pending and self.event_sink is not None:
+            events, self._pending = self._pending, []
+            self.event_sink(events)

@@ -1,0 +1,172 @@
+"""Scheduler: token budget, chunked prefill, FCFS, preemption by recompute, caps. No torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenfab.clock import ManualClock
+from tokenfab.engine.errors import QueueFullError
+from tokenfab.engine.kv_cache import KVCacheManager
+from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tokenfab.engine.sequence import Sequence, SeqStatus
+
+BS = 4
+
+
+def make(
+    num_blocks: int = 64, **cfg: int | bool
+) -> tuple[Scheduler, KVCacheManager, ManualClock]:
+    kv = KVCacheManager(num_blocks=num_blocks, block_size=BS)
+    clock = ManualClock(100.0)
+    return Scheduler(SchedulerConfig(**cfg), kv, clock), kv, clock  # type: ignore[arg-type]
+
+
+def seq(rid: str, n: int, base: int = 0) -> Sequence:
+    return Sequence(rid, list(range(base, base + n)), block_size=BS)
+
+
+def finish_step(sched: Scheduler, out: SchedulerOutput, max_out: int = 1000) -> None:
+    """What the engine does after the runner: advance, append a token, stop at max_out."""
+    sched.update_computed(out)
+    for s in out.scheduled:
+        if s.sample and s.seq.status is SeqStatus.RUNNING:
+            s.seq.append_token(7)
+            if s.seq.num_output_tokens >= max_out:
+                sched.finish(s.seq, "length")
+
+
+def test_budget_and_chunked_prefill_split_long_prompts() -> None:
+    sched, kv, _ = make(max_num_batched_tokens=10)
+    a = seq("a", 25)
+    sched.add(a)
+    sizes = []
+    for _ in range(3):
+        out = sched.schedule()
+        assert out.num_batched_tokens <= 10
+        sizes.append([(c.start_pos, len(c.token_ids), c.sample) for c in out.batch.chunks])
+        finish_step(sched, out)
+    assert sizes == [[(0, 10, False)], [(10, 10, False)], [(20, 5, True)]]
+    assert a.num_output_tokens == 1 and a.num_computed_tokens == 25
+
+
+def test_decodes_come_first_then_prefill_chunks_and_fcfs_admission() -> None:
+    sched, _, clock = make(max_num_batched_tokens=8)
+    a = seq("a", 3)
+    sched.add(a)
+    finish_step(sched, sched.schedule())  # a prefilled, now decoding
+    clock.advance(1)
+    b, c = seq("b", 20, 100), seq("c", 2, 200)
+    sched.add(b)
+    sched.add(c)
+    out = sched.schedule()
+    ids = [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled]
+    # a's decode first, then b's chunk fills the budget; c (later) must wait its turn.
+    assert ids == [("a", 1), ("b", 7)]
+    assert b.arrival_time == 101.0
+    finish_step(sched, out)
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 7)]
+
+
+def test_max_num_seqs_caps_running() -> None:
+    sched, _, _ = make(max_num_seqs=2)
+    for i in range(4):
+        sched.add(seq(f"r{i}", 3, i * 10))
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["r0", "r1"]
+    assert len(sched.waiting) == 2
+
+
+def test_waiting_cap_raises_queue_full() -> None:
+    sched, _, _ = make(max_waiting=2)
+    sched.add(seq("a", 3))
+    sched.add(seq("b", 3))
+    with pytest.raises(QueueFullError):
+        sched.add(seq("c", 3))
+
+
+def test_preemption_frees_newest_and_recomputes_it_later() -> None:
+    # 7 blocks of 4 tokens; three 8-token prompts take 2 blocks each; decoding needs more.
+    sched, kv, _ = make(num_blocks=7)
+    seqs = [seq(f"r{i}", 8, i * 10) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    finish_step(sched, sched.schedule())
+    assert kv.num_free_blocks == 1 and all(s.num_tokens == 9 for s in seqs)
+    out = sched.schedule()
+    # r0 takes the free block; r1 needs one more: the newest running (r2) is preempted.
+    assert [p.request_id for p in out.preempted] == ["r2"]
+    assert [s.seq.request_id for s in out.scheduled] == ["r0", "r1"]
+    assert [s.request_id for s in sched.waiting] == ["r2"]
+    assert sched.num_preemptions == 1 and seqs[2].num_computed_tokens == 0
+    finish_step(sched, out, max_out=2)  # r0 and r1 finish
+    out = sched.schedule()
+    # r2 comes back, recomputing prompt + its generated token; its first block (still cached,
+    # the LRU evicted only its deeper block) is reused.
+    assert [s.seq.request_id for s in out.scheduled] == ["r2"]
+    assert seqs[2].num_computed_tokens == 4 and out.scheduled[0].num_new_tokens == 5
+    finish_step(sched, out, max_out=3)
+    for _ in range(20):
+        if not sched.has_unfinished():
+            break
+        finish_step(sched, sched.schedule(), max_out=3)
+    assert not sched.has_unfinished()
+    assert [s.num_output_tokens for s in seqs] == [2, 2, 3]
+    assert kv.num_free_blocks == 7
+
+
+def test_preempts_itself_when_it_is_the_newest() -> None:
+    sched, kv, _ = make(num_blocks=5)
+    a, b = seq("a", 8), seq("b", 8, 50)
+    sched.add(a)
+    sched.add(b)
+    finish_step(sched, sched.schedule())
+    out = sched.schedule()
+    # a (older) takes the last free block; b finds no unscheduled victim but itself.
+    assert [p.request_id for p in out.preempted] == ["b"]
+    assert [s.seq.request_id for s in out.scheduled] == ["a"]
+    assert b.num_preemptions == 1 and b.status is SeqStatus.WAITING
+
+
+def test_waiting_head_that_does_not_fit_blocks_the_queue() -> None:
+    sched, _, _ = make(num_blocks=4, max_num_batched_tokens=64)
+    big, small = seq("big", 13), seq("small", 3, 100)
+    sched.add(seq("first", 7, 200))
+    finish_step(sched, sched.schedule())
+    sched.add(big)
+    sched.add(small)
+    out = sched.schedule()
+    # big needs 4 blocks, only 2 free; small must not overtake it.
+    assert [s.seq.request_id for s in out.scheduled] == ["first"]
+
+
+def test_finish_and_abort_release_blocks() -> None:
+    sched, kv, _ = make()
+    a, b = seq("a", 9), seq("b", 5, 50)
+    sched.add(a)
+    sched.add(b)
+    finish_step(sched, sched.schedule())
+    sched.finish(a, "abort")
+    assert a.status is SeqStatus.FINISHED and a.finish_reason == "abort"
+    assert kv.block_table("a") == [] and kv.num_used_blocks == 2
+    sched.add(c := seq("c", 3, 90))
+    sched.finish(c, "abort")  # aborted while waiting
+    assert not sched.waiting and len(sched.running) == 1
+
+
+def test_schedule_is_deterministic() -> None:
+    def trace() -> list[list[tuple[str, int]]]:
+        sched, _, _ = make(num_blocks=12, max_num_batched_tokens=9)
+        for i, n in enumerate([5, 17, 3, 11, 8]):
+            sched.add(seq(f"r{i}", n, i * 100))
+        steps = []
+        for _ in range(60):
+            if not sched.has_unfinished():
+                break
+            out = sched.schedule()
+            steps.append([(s.seq.request_id, s.num_new_tokens) for s in out.scheduled])
+            finish_step(sched, out, max_out=6)
+        assert not sched.has_unfinished()
+        return steps
+
+    assert trace() == trace()
