@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from tokenfab.engine.loader import LoadedModel
+    from tokenfab.engine.model import ModelConfig
+
 
 @dataclass(slots=True)
 class SeqChunk:
@@ -41,3 +44,118 @@ class Runner(Protocol):
         """Write the chunks' K/V into their blocks, run the model, and return float32 logits of
         shape [number of chunks with sample=True, vocab], in chunk order."""
         ...
+
+
+def kv_bytes_per_block(
+    config: ModelConfig, block_size: int, dtype: torch.dtype | None = None
+) -> int:
+    """Bytes of K and V for one block across all layers."""
+    import torch
+
+    dt = config.dtype if dtype is None else dtype
+    itemsize = torch.empty((), dtype=dt).element_size()
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+    return per_token * block_size
+
+
+class TorchRunner:
+    """Runs steps of a `CausalLM` over a KV cache it allocates: per layer a K and a V tensor of
+    shape [num_blocks, block_size, num_kv_heads, head_dim] in the model's dtype."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        num_blocks: int,
+        block_size: int,
+        num_threads: int | None = None,
+    ) -> None:
+        import torch
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model = loaded.model
+        self.config = loaded.config
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = next(self.model.parameters()).device
+        cfg = self.config
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One allocation for all layers: [layers, 2, blocks, block_size, kv_heads, head_dim].
+        self.kv = torch.zeros((cfg.num_layers, 2, *shape), dtype=cfg.dtype, device=self.device)
+        self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_layers)]
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            inputs = self._prepare(batch)
+            if inputs is None:
+                return torch.empty((0, self.config.vocab_size), dtype=torch.float32)
+            ids, positions, meta, rows = inputs
+            logits = self.model(ids, positions, meta, self.kv_caches, rows)
+            return logits.float()
+
+    def _prepare(self, batch: StepBatch):  # noqa: ANN202 - tuple of tensors + metadata
+        import torch
+
+        from tokenfab.engine.attention import AttentionMetadata, PrefillSpan
+
+        bs = self.block_size
+        dev = self.device
+        # Single-token chunks first (one batched attention call), then multi-token spans.
+        order = sorted(range(len(batch.chunks)), key=lambda i: len(batch.chunks[i].token_ids) > 1)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_row = [0] * len(batch.chunks)
+        decode_tables: list[list[int]] = []
+        decode_pos: list[int] = []
+        spans: list[tuple[int, int, int, list[int]]] = []
+        for i in order:
+            c = batch.chunks[i]
+            n = len(c.token_ids)
+            if n == 0:
+                raise ValueError("a SeqChunk must carry at least one token")
+            need = -(-(c.start_pos + n) // bs)
+            if len(c.block_table) < need:
+                raise ValueError(
+                    f"block_table has {len(c.block_table)} blocks, positions up to "
+                    f"{c.start_pos + n} need {need}"
+                )
+            row = len(ids)
+            ids.extend(c.token_ids)
+            pos = range(c.start_pos, c.start_pos + n)
+            positions.extend(pos)
+            table = c.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            last_row[i] = row + n - 1
+            if n == 1:
+                decode_tables.append(table[:need])
+                decode_pos.append(c.start_pos)
+            else:
+                spans.append((row, n, c.start_pos, table[:need]))
+        if not ids:
+            return None
+        if max(positions) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {max(positions)} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+
+        def t(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.long, device=dev)
+
+        dbt = None
+        if decode_tables:
+            width = max(len(b) for b in decode_tables)
+            dbt = t([b + [0] * (width - len(b)) for b in decode_tables]).view(-1, width)
+        meta = AttentionMetadata(
+            slots=t(slots),
+            num_decode=len(decode_tables),
+            decode_block_tables=dbt,
+            decode_positions=t(decode_pos) if decode_pos else None,
+            prefills=[PrefillSpan(r, n, s, t(b)) for r, n, s, b in spans],
+            block_size=bs,
+        )
+        rows = t([last_row[i] for i, c in enumerate(batch.chunks) if c.sample])
+        return t(ids), t(positions), meta, rows
