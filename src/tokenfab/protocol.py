@@ -199,6 +199,26 @@ class LoadReport(msgspec.Struct, kw_only=True):
     kv_blocks_used: int
     kv_blocks_total: int
     timestamp: float
+    # Cumulative engine counters (optional; for /metrics and the planner).
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached."""
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class StatsRequest(msgspec.Struct, kw_only=True):
+    """Ask a worker for a fresh LoadReport (its `stats` endpoint)."""
+
+
+# Well-known names on the runtime (discovery component and event topics).
+WORKER_COMPONENT = "worker"
+KV_EVENTS_TOPIC = "kv_events"
+"""KVEventBatch messages from every worker."""
+LOAD_TOPIC = "load"
+"""LoadReport messages from every worker."""
 
 
 # ---------------------------------------------------------------- wire encoding
