@@ -6,6 +6,7 @@ The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the `llm_s
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,9 +66,9 @@ def resolve_model(model: str | Path | None) -> Path:
 
 def model_name(path: Path) -> str:
     """A display name: the GGUF's base name for converted folders, else the folder name."""
-    marker = path / "tokenfab_source.txt"
+    marker = path / "tokenfab_source.json"
     if marker.is_file():
-        return Path(marker.read_text().strip()).name.split(".")[0]
+        return str(json.loads(marker.read_text())["name"])
     return path.name
 
 
