@@ -8,14 +8,12 @@ from tokenfab.clock import ManualClock
 from tokenfab.engine.errors import QueueFullError
 from tokenfab.engine.kv_cache import KVCacheManager
 from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from tokenfab.engine.sequence import Sequence, SeqStatus
+from tokenfab.engine.sequence import SeqStatus, Sequence
 
 BS = 4
 
 
-def make(
-    num_blocks: int = 64, **cfg: int | bool
-) -> tuple[Scheduler, KVCacheManager, ManualClock]:
+def make(num_blocks: int = 64, **cfg: int | bool) -> tuple[Scheduler, KVCacheManager, ManualClock]:
     kv = KVCacheManager(num_blocks=num_blocks, block_size=BS)
     clock = ManualClock(100.0)
     return Scheduler(SchedulerConfig(**cfg), kv, clock), kv, clock  # type: ignore[arg-type]

@@ -68,7 +68,9 @@ class KVCacheManager:
         event_sink: EventSink | None = None,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1 ({num_blocks}, {block_size})")
+            raise ValueError(
+                f"need num_blocks >= 1 and block_size >= 1 ({num_blocks}, {block_size})"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -107,7 +109,11 @@ class KVCacheManager:
     def stats(self) -> KVCacheStats:
         cached_free = sum(1 for b in self._free if self._blocks[b].block_hash is not None)
         return KVCacheStats(
-            self.num_blocks, self.num_used_blocks, cached_free, self.prefix_queries, self.prefix_hits
+            self.num_blocks,
+            self.num_used_blocks,
+            cached_free,
+            self.prefix_queries,
+            self.prefix_hits,
         )
 
     # ------------------------------------------------------------------ admission

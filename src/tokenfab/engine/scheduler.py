@@ -17,6 +17,7 @@ Everything is deterministic given the inputs.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -88,10 +89,8 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         else:
-            try:
+            with contextlib.suppress(ValueError):  # may already be gone
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason

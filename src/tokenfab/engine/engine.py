@@ -1,0 +1,524 @@
+"""The step loop: scheduler -> runner -> sampler -> detokenizer -> outputs.
+
+`LLMEngine` is synchronous and single-threaded (used by `LLM` and by `AsyncEngine`'s thread).
+`AsyncEngine` runs an LLMEngine in one background thread (torch releases the GIL while it
+computes) and hands each step's outputs to asyncio with one `call_soon_threadsafe` per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokenfab.clock import Clock, MonotonicClock
+from tokenfab.config import EngineConfig
+from tokenfab.engine.detokenizer import IncrementalDetokenizer, decode_fn
+from tokenfab.engine.errors import (
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from tokenfab.engine.kv_cache import EventSink, KVCacheManager, request_extra_keys
+from tokenfab.engine.runner import Runner
+from tokenfab.engine.sampler import Sampler, SampleRow, make_generator
+from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tokenfab.engine.sequence import Sequence
+from tokenfab.protocol import GenerateOutput, GenerateRequest, PositionLogprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int
+    """Prompt tokens looked up in the prefix cache at admission."""
+    prefix_cache_hits: int
+    """Of those, tokens found cached."""
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    requests_finished: int
+    num_steps: int
+
+
+@dataclass
+class _RequestState:
+    detok: IncrementalDetokenizer
+    stop_token_ids: frozenset[int]
+    """Ids that end the request: stop_token_ids, plus EOS unless ignore_eos."""
+    suppress_until_min: list[int]
+    max_output_tokens: int
+    generator: torch.Generator | None
+    pending_logprobs: list[PositionLogprobs] = field(default_factory=list)
+
+
+class LLMEngine:
+    """Synchronous engine: add_request(), step() until has_unfinished() is False."""
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        event_sink: EventSink | None = None,
+        clock: Clock | None = None,
+        loaded: Any = None,
+        runner: Runner | None = None,
+    ) -> None:
+        from tokenfab.engine.loader import load_model
+        from tokenfab.engine.runner import TorchRunner, kv_bytes_per_block
+
+        self.config = config = config or EngineConfig()
+        if loaded is None:
+            loaded = load_model(config.model, config.dtype, config.device)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_config = mc = loaded.config
+        self.model_name: str = loaded.name
+        self.vocab_size: int = mc.vocab_size
+        self.eos_token_ids: list[int] = list(mc.eos_token_ids)
+
+        bs = config.block_size
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        else:
+            per_block = kv_bytes_per_block(mc, bs)
+            num_blocks = max(1, int(config.kv_cache_memory_gb * (1 << 30)) // per_block)
+        context = config.max_model_len or mc.max_position_embeddings
+        # A request must fit the pool on its own, or it could never be scheduled.
+        self.max_model_len: int = min(context, num_blocks * bs)
+        if self.max_model_len < context:
+            log.warning(
+                "max_model_len lowered from %d to %d: the KV pool holds only %d blocks of %d",
+                context, self.max_model_len, num_blocks, bs,
+            )  # fmt: skip
+        budget = config.max_num_batched_tokens
+        if not config.enable_chunked_prefill:
+            budget = max(budget, self.max_model_len)  # a whole prompt must fit one step
+        self.runner: Runner = runner or TorchRunner(
+            loaded, num_blocks, bs, num_threads=config.num_threads
+        )
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, event_sink)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=budget,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                max_waiting=config.max_waiting,
+            ),
+            self.kv,
+            clock or MonotonicClock(),
+        )
+        self.sampler = Sampler(config.seed)
+        self._seqs: dict[str, Sequence] = {}
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._finished = 0
+        self._steps = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def validate(self, req: GenerateRequest) -> None:
+        """Raise InvalidRequestError (with the numbers) if `req` cannot be served. Reads no
+        mutable state, so any thread may call it."""
+        p = req.sampling
+        try:
+            p.validate()
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty: at least one token is needed")
+        bad = next(
+            ((i, t) for i, t in enumerate(req.prompt_token_ids) if not 0 <= t < self.vocab_size),
+            None,
+        )
+        if bad is not None:
+            raise InvalidRequestError(
+                f"prompt token id {bad[1]} at position {bad[0]} is outside the vocabulary "
+                f"(size {self.vocab_size})"
+            )
+        need = n + (p.max_tokens or 1)
+        if need > self.max_model_len:
+            what = f"max_tokens {p.max_tokens}" if p.max_tokens else "one generated token"
+            raise InvalidRequestError(
+                f"prompt has {n} tokens; max_model_len is {self.max_model_len} "
+                f"({what} would need {need})"
+            )
+
+    def add_request(self, req: GenerateRequest) -> None:
+        self.validate(req)
+        if req.request_id in self._seqs:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+        p = req.sampling
+        seq = Sequence(
+            req.request_id,
+            list(req.prompt_token_ids),
+            p,
+            block_size=self.config.block_size,
+            extra_keys=request_extra_keys(req.lora_name, req.cache_salt),
+            lora_name=req.lora_name,
+            max_total_tokens=self.max_model_len,
+        )
+        stop_ids = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        room = self.max_model_len - len(req.prompt_token_ids)
+        seq.state = _RequestState(
+            detok=IncrementalDetokenizer(
+                decode_fn(self.tokenizer, p.skip_special_tokens),
+                seq.prompt_token_ids,
+                list(p.stop),
+                p.include_stop_str_in_output,
+            ),
+            stop_token_ids=frozenset(stop_ids),
+            suppress_until_min=sorted(set(p.stop_token_ids) | set(self.eos_token_ids)),
+            max_output_tokens=min(p.max_tokens or room, room),
+            generator=make_generator(p.seed) if p.seed is not None and not p.greedy else None,
+        )
+        self.scheduler.add(seq)  # may raise QueueFullError
+        self._seqs[req.request_id] = seq
+
+    def abort(self, request_id: str) -> GenerateOutput | None:
+        """Stop a request and free its blocks; returns its final output (None if unknown)."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        self._finished += 1
+        return self._output(seq, [], finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._seqs)
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[GenerateOutput]:
+        """Run one scheduled step; return the outputs of the requests it advanced."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            self.kv.flush_events()
+            return []
+        self._steps += 1
+        try:
+            logits = self.runner.execute(sched.batch)
+        except Exception as e:  # the model failed: fail this step's requests, keep running
+            log.exception("step failed")
+            return self._fail([s.seq for s in sched.scheduled], f"engine step failed: {e}")
+        self.scheduler.update_computed(sched)
+        outputs = self._sample_and_advance(sched, logits)
+        self.kv.flush_events()
+        return outputs
+
+    def _sample_and_advance(
+        self, sched: SchedulerOutput, logits: torch.Tensor
+    ) -> list[GenerateOutput]:
+        to_sample = [s.seq for s in sched.scheduled if s.sample]
+        rows = [self._sample_row(seq) for seq in to_sample]
+        try:
+            results = self.sampler(logits, rows)
+        except Exception as e:
+            log.exception("sampling failed")
+            return self._fail(to_sample, f"sampling failed: {e}")
+        outputs: list[GenerateOutput] = []
+        for seq, res in zip(to_sample, results, strict=True):
+            try:
+                outputs.append(self._advance(seq, res.token_id, res.logprobs))
+            except Exception as e:
+                log.exception("request %s failed", seq.request_id)
+                outputs.extend(self._fail([seq], f"request failed: {e}"))
+        return outputs
+
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        st: _RequestState = seq.state
+        p = seq.params
+        suppress = st.suppress_until_min if seq.num_output_tokens < p.min_tokens else []
+        return SampleRow(p, seq.prompt_token_ids, seq.output_token_ids, st.generator, suppress)
+
+    def _advance(
+        self, seq: Sequence, token: int, logprobs: PositionLogprobs | None
+    ) -> GenerateOutput:
+        st: _RequestState = seq.state
+        p = seq.params
+        seq.append_token(token)
+        self._generation_tokens += 1
+        if seq.num_output_tokens == 1:
+            self._prompt_tokens += seq.num_prompt_tokens
+        if logprobs is not None:
+            st.pending_logprobs.append(logprobs)
+        reason: str | None = None
+        stop_reason: str | int | None = None
+        past_min = seq.num_output_tokens > p.min_tokens
+        if token in st.stop_token_ids and past_min:
+            reason = "stop"
+            stop_reason = token if token in p.stop_token_ids else None
+            if p.include_stop_str_in_output:
+                st.detok.add(token)
+        else:
+            matched = st.detok.add(token, check_stop=past_min)
+            if matched is not None:
+                reason, stop_reason = "stop", matched
+        if reason is None and (
+            seq.num_output_tokens >= st.max_output_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason, stop_reason)
+            self._seqs.pop(seq.request_id, None)
+            self._finished += 1
+        return self._output(seq, [token], finished=reason is not None)
+
+    def _output(self, seq: Sequence, tokens: list[int], finished: bool) -> GenerateOutput:
+        st: _RequestState = seq.state
+        lps = None
+        if seq.params.logprobs is not None:
+            lps, st.pending_logprobs = st.pending_logprobs, []
+        return GenerateOutput(
+            request_id=seq.request_id,
+            token_ids=tokens,
+            text=st.detok.take(finished),
+            logprobs=lps,
+            finish_reason=seq.finish_reason if finished else None,  # type: ignore[arg-type]
+            stop_reason=seq.stop_reason if finished else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=max(seq.num_cached_tokens, 0),
+        )
+
+    def _fail(self, seqs: list[Sequence], message: str) -> list[GenerateOutput]:
+        outs = []
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            self.scheduler.finish(seq, "error")
+            self._seqs.pop(seq.request_id, None)
+            self._finished += 1
+            out = self._output(seq, [], finished=True)
+            out.error = message
+            outs.append(out)
+        self.kv.flush_events()
+        return outs
+
+    def fail_all(self, message: str) -> list[GenerateOutput]:
+        """Fail every request (used when the loop itself hit an unexpected error)."""
+        return self._fail(list(self._seqs.values()), message)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.kv.num_used_blocks,
+            kv_blocks_total=self.kv.num_blocks,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            requests_finished=self._finished,
+            num_steps=self._steps,
+        )
+
+
+# ---------------------------------------------------------------------- async
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+    """An LLMEngine stepping in a background thread, with an asyncio API.
+
+    Threading: `generate`, `abort`, `stats` are called on the event loop that called
+    `start()`. Requests and aborts reach the engine thread through a queue; outputs come back
+    via `loop.call_soon_threadsafe`, once per step. The `event_sink` (KV events) is called on
+    the engine thread, once per step with that step's events: hop to the loop with
+    `call_soon_threadsafe` if it touches asyncio objects.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        event_sink: EventSink | None = None,
+        clock: Clock | None = None,
+        loaded: Any = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self._event_sink = event_sink
+        self._clock = clock
+        self._loaded = loaded
+        self._engine: LLMEngine | None = None
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue[GenerateOutput | BaseException]] = {}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dead: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._engine = await asyncio.to_thread(
+            LLMEngine,
+            self.config,
+            event_sink=self._event_sink,
+            clock=self._clock,
+            loaded=self._loaded,
+        )
+        self._loaded = None
+        self._thread = threading.Thread(target=self._run, name="tokenfab-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._inbox.put(_STOP)
+        await asyncio.to_thread(thread.join)
+        self._dead = "the engine was shut down"
+        for rid, q in list(self._queues.items()):
+            q.put_nowait(GenerateOutput(request_id=rid, finish_reason="abort"))
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise EngineDeadError("the engine is not started (await engine.start())")
+        return self._engine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._dead is None
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Stream the request's outputs (deltas); the last has finish_reason set. Raises
+        InvalidRequestError / QueueFullError before the first output. Closing the iterator
+        early (break, cancellation, client gone) aborts the request and frees its blocks."""
+        engine = self.engine
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        engine.validate(req)
+        rid = req.request_id
+        if rid in self._queues:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        waiting = len(engine.scheduler.waiting) + self._inbox.qsize()
+        if waiting >= self.config.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({waiting} requests); retry later")
+        q: asyncio.Queue[GenerateOutput | BaseException] = asyncio.Queue()
+        self._queues[rid] = q
+        self._inbox.put(("add", req))
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    finished = True
+                    raise out
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            if not finished:
+                self._inbox.put(("abort", rid))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            # Block only when idle; otherwise take whatever arrived and step.
+            commands = [self._inbox.get()] if not engine.has_unfinished() else []
+            while True:
+                try:
+                    commands.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            outputs: list[GenerateOutput | tuple[str, BaseException]] = []
+            for cmd in commands:
+                if cmd is _STOP:
+                    return
+                self._handle(engine, cmd, outputs)
+            if engine.has_unfinished():
+                try:
+                    outputs.extend(engine.step())
+                except Exception as e:  # a bug outside the model: fail all, keep the loop
+                    log.exception("engine loop error")
+                    outputs.extend(engine.fail_all(f"engine error: {e}"))
+            if outputs:
+                self._post(outputs)
+
+    def _handle(
+        self,
+        engine: LLMEngine,
+        cmd: tuple[str, Any],
+        outputs: list[GenerateOutput | tuple[str, BaseException]],
+    ) -> None:
+        kind, arg = cmd
+        if kind == "add":
+            try:
+                engine.add_request(arg)
+            except EngineError as e:
+                outputs.append((arg.request_id, e))
+            except Exception as e:
+                log.exception("could not add request %s", arg.request_id)
+                outputs.append((arg.request_id, EngineError(f"could not add request: {e}")))
+        elif kind == "abort":
+            out = engine.abort(arg)
+            if out is not None:
+                outputs.append(out)
+
+    def _post(self, outputs: list[GenerateOutput | tuple[str, BaseException]]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        # The loop may close between the check and the call.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[GenerateOutput | tuple[str, BaseException]]) -> None:
+        for out in outputs:
+            if isinstance(out, tuple):
+                rid, item = out[0], out[1]
+            else:
+                rid, item = out.request_id, out
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(item)
