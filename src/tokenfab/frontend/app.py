@@ -1,0 +1,326 @@
+"""The OpenAI-compatible HTTP API (FastAPI): chat and text completions, models, health, metrics.
+
+Bodies are read and parsed here (size cap, strict UTF-8, strict JSON types) rather than by
+FastAPI's default machinery, so every failure gets the OpenAI error shape and status: 400 for
+bad input, 413 for oversized bodies. A client that disconnects, streaming or not, cancels its
+engine requests, which frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+
+from tokenfab.frontend.errors import APIError, bad_request, error_body, install_error_handlers
+from tokenfab.frontend.fanout import Fanout
+from tokenfab.frontend.metrics import FrontendMetrics
+from tokenfab.frontend.middleware import AccessMiddleware
+from tokenfab.frontend.prompts import Prompts
+from tokenfab.frontend.requests import Prepared, check_model, prepare_chat, prepare_completion
+from tokenfab.frontend.responses import (
+    ChoiceState,
+    chat_completion,
+    chat_logprobs,
+    chunk,
+    completion_logprobs,
+    echo_text,
+    text_completion,
+    usage,
+)
+from tokenfab.frontend.schemas import ChatCompletionRequest, CompletionRequest
+from tokenfab.frontend.workers import WorkerPool
+from tokenfab.protocol import GenerateOutput
+from tokenfab.runtime import RemoteError
+
+M = TypeVar("M", bound=BaseModel)
+
+_THREAD_PROMPT_CHARS = 20_000
+"""Prompts longer than this are templated/tokenized off the event loop."""
+
+
+@dataclass
+class FrontendState:
+    pool: WorkerPool
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    retry_after_s: int = 1
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def remote_to_api(e: RemoteError, retry_after_s: int = 1) -> APIError:
+    if e.code == "invalid_request":
+        return bad_request(e.message)
+    if e.code in ("queue_full", "unavailable"):
+        return APIError(
+            503,
+            f"The server is overloaded: {e.message}. Retry later.",
+            code=e.code,
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    return APIError(500, f"internal error: {e.message}", code=e.code)
+
+
+async def read_json(request: Request, model: type[M], max_bytes: int) -> M:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise APIError(413, f"request body is {int(length)} bytes; the limit is {max_bytes}")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > max_bytes:
+            raise APIError(413, f"request body exceeds the limit of {max_bytes} bytes")
+        chunks.append(part)
+    body = b"".join(chunks)
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            raise bad_request(f"invalid JSON: {err['msg']}") from None
+        raise bad_request(f"{loc or 'body'}: {err['msg']}", loc or None) from None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, work: Callable[[], Any]) -> Any:
+    """Run `work()`; if the client goes away first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work())
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise ClientDisconnected
+    return task.result()
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def build_app(state: FrontendState) -> FastAPI:
+    app = FastAPI(title="tokenfab", version="0.1.0", docs_url=None, redoc_url=None)
+    metrics = FrontendMetrics()
+    prompts = Prompts(state.tokenizer)
+    app.state.tokenfab = state
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(AccessMiddleware, metrics=metrics, api_key=state.api_key)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        n = len(state.pool.workers)
+        return JSONResponse(
+            {"status": "ok" if n else "no_workers", "workers": n}, 200 if n else 503
+        )
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "tokenfab",
+                    "max_model_len": state.max_model_len,
+                }
+            ],
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.workers.reports = {r.worker_id: r for r in await state.pool.stats()}
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def prepare(fn: Callable[..., Prepared], req: Any, size: int) -> Prepared:
+        check_model(req.model, state.model_name)
+        if size > _THREAD_PROMPT_CHARS:
+            prep = await asyncio.to_thread(fn, req, prompts, state.max_model_len)
+        else:
+            prep = fn(req, prompts, state.max_model_len)
+        prep.created = int(time.time())
+        for p in prep.prompts:
+            metrics.prompt_tokens.inc(len(p.token_ids))
+        return prep
+
+    async def run(request: Request, prep: Prepared, kind: str) -> Response:
+        arrival = time.monotonic()
+        fanout = Fanout(state.pool, prep.build(), metrics, arrival)
+        try:
+            firsts = await _unless_disconnected(request, fanout.start)
+        except RemoteError as e:
+            raise remote_to_api(e, state.retry_after_s) from None
+        except ClientDisconnected:
+            return Response(status_code=499)
+        states = [ChoiceState() for _ in prep.engine_requests]
+        if prep.stream:
+            stream = _stream_chat if kind == "chat" else _stream_completion
+            return StreamingResponse(
+                _guarded(stream(prep, fanout, firsts, states), prep, fanout, states, state),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+
+        async def collect() -> None:
+            for i, out in enumerate(firsts):
+                states[i].add(out)
+            async for i, out in fanout.rest():
+                states[i].add(out)
+
+        try:
+            await _unless_disconnected(request, collect)
+        except RemoteError as e:
+            raise remote_to_api(e, state.retry_after_s) from None
+        except ClientDisconnected:
+            return Response(status_code=499)
+        finally:
+            fanout.cancel()
+        build = chat_completion if kind == "chat" else text_completion
+        return JSONResponse(build(prep, state.model_name, prompts, states))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        req = await read_json(request, ChatCompletionRequest, state.max_body_bytes)
+        size = sum(len(m.text()) for m in req.messages)
+        return await run(request, await prepare(prepare_chat, req, size), "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await read_json(request, CompletionRequest, state.max_body_bytes)
+        size = len(req.prompt) if isinstance(req.prompt, str) else 0
+        return await run(request, await prepare(prepare_completion, req, size), "completion")
+
+    def _stream_chat(
+        prep: Prepared, fanout: Fanout, firsts: list[GenerateOutput], states: list[ChoiceState]
+    ) -> AsyncIterator[bytes]:
+        def delta(i: int, out: GenerateOutput) -> dict | None:
+            states[i].add(out)
+            d = {"content": out.text} if out.text else {}
+            lp = None
+            if prep.logprobs is not None and out.logprobs:
+                lp = chat_logprobs(prompts, out.logprobs)
+            if not d and lp is None and out.finish_reason is None:
+                return None
+            return {"index": i, "delta": d, "logprobs": lp, "finish_reason": out.finish_reason}
+
+        async def gen() -> AsyncIterator[bytes]:
+            obj = "chat.completion.chunk"
+            role = {"role": "assistant", "content": ""}
+            yield _sse(
+                chunk(
+                    prep,
+                    state.model_name,
+                    obj,
+                    [
+                        {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+                        for i in range(len(firsts))
+                    ],
+                )
+            )
+            for i, out in enumerate(firsts):
+                c = delta(i, out)
+                if c is not None:
+                    yield _sse(chunk(prep, state.model_name, obj, [c]))
+            async for i, out in fanout.rest():
+                c = delta(i, out)
+                if c is not None:
+                    yield _sse(chunk(prep, state.model_name, obj, [c]))
+
+        return gen()
+
+    def _stream_completion(
+        prep: Prepared, fanout: Fanout, firsts: list[GenerateOutput], states: list[ChoiceState]
+    ) -> AsyncIterator[bytes]:
+        def piece(i: int, out: GenerateOutput, first: bool) -> dict | None:
+            s = states[i]
+            text = out.text
+            echo_ids: list[int] = []
+            if first and prep.echo:
+                text = echo_text(prep, prompts, i // prep.n) + text
+                echo_ids = prep.prompts[i // prep.n].token_ids
+            lp = None
+            if prep.logprobs is not None and (out.logprobs or echo_ids):
+                lp = completion_logprobs(prompts, out.logprobs or [], s.text_len, echo_ids)
+            s.add(out)
+            s.text_len += len(text)
+            if not text and lp is None and out.finish_reason is None:
+                return None
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
+
+        async def gen() -> AsyncIterator[bytes]:
+            obj = "text_completion"
+            for i, out in enumerate(firsts):
+                c = piece(i, out, True)
+                if c is not None:
+                    yield _sse(chunk(prep, state.model_name, obj, [c]))
+            async for i, out in fanout.rest():
+                c = piece(i, out, False)
+                if c is not None:
+                    yield _sse(chunk(prep, state.model_name, obj, [c]))
+
+        return gen()
+
+    return app
+
+
+async def _guarded(
+    body: AsyncIterator[bytes],
+    prep: Prepared,
+    fanout: Fanout,
+    states: list[ChoiceState],
+    state: FrontendState,
+) -> AsyncIterator[bytes]:
+    """Adds the usage chunk and `[DONE]`, turns a mid-stream failure into an SSE error event,
+    and cancels the engine requests however the stream ends (including a client disconnect)."""
+    try:
+        async for data in body:
+            yield data
+        if prep.include_usage:
+            obj = (
+                "chat.completion.chunk" if prep.request_id.startswith("chat") else "text_completion"
+            )
+            final = chunk(prep, state.model_name, obj, [])
+            final["usage"] = usage(prep, states)
+            yield _sse(final)
+        yield _DONE
+    except RemoteError as e:
+        err = remote_to_api(e, state.retry_after_s)
+        yield _sse(error_body(err.status, err.message, code=err.code))
+        yield _DONE
+    finally:
+        fanout.cancel()

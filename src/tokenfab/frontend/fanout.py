@@ -1,0 +1,121 @@
+"""Runs the engine requests of one API request (prompts × n) and merges their output streams,
+recording TTFT / inter-token / end-to-end latency as outputs arrive.
+
+Cancellation is synchronous (`cancel()`), so it is safe from `finally` blocks of a streaming
+response that the server is tearing down after a client disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from tokenfab.frontend.metrics import FrontendMetrics
+from tokenfab.frontend.workers import WorkerPool
+from tokenfab.protocol import GenerateOutput, GenerateRequest
+from tokenfab.runtime import RemoteError, ResponseStream
+
+_END = object()
+
+
+class Fanout:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        requests: list[GenerateRequest],
+        metrics: FrontendMetrics,
+        arrival: float,
+    ) -> None:
+        self._pool = pool
+        self._requests = requests
+        self._metrics = metrics
+        self._arrival = arrival
+        self._streams: list[ResponseStream[GenerateOutput]] = []
+        self._last: list[float | None] = [None] * len(requests)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.finished = [False] * len(requests)
+
+    async def start(self) -> list[GenerateOutput]:
+        """Send every request and wait for each one's first output, so that admission errors
+        (invalid request, queue full) surface before any response byte is sent."""
+        try:
+            for req in self._requests:
+                self._streams.append(await self._pool.generate(req))
+            firsts = await asyncio.gather(
+                *(anext(s) for s in self._streams), return_exceptions=True
+            )
+        except BaseException:
+            self.cancel()
+            raise
+        errors = [f for f in firsts if isinstance(f, BaseException)]
+        if errors:
+            self.cancel()
+            remote = [e for e in errors if isinstance(e, RemoteError)]
+            if remote:
+                raise remote[0]
+            if isinstance(errors[0], StopAsyncIteration):
+                raise RemoteError("internal", "the worker ended the stream without output")
+            raise errors[0]
+        outs = [f for f in firsts if isinstance(f, GenerateOutput)]
+        for i, out in enumerate(outs):
+            self._observe(i, out)
+        return outs
+
+    async def rest(self) -> AsyncIterator[tuple[int, GenerateOutput]]:
+        """The outputs after the first ones, as (index, output), in arrival order."""
+        queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+
+        async def pump(i: int, stream: ResponseStream[GenerateOutput]) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((i, out))
+            except Exception as e:  # handed to the consumer, which raises it
+                queue.put_nowait((i, e))
+                return
+            queue.put_nowait((i, _END))
+
+        loop = asyncio.get_running_loop()
+        pending = 0
+        for i, stream in enumerate(self._streams):
+            if not self.finished[i]:
+                self._tasks.append(loop.create_task(pump(i, stream)))
+                pending += 1
+        try:
+            while pending:
+                i, item = await queue.get()
+                if item is _END:
+                    pending -= 1
+                    if not self.finished[i]:
+                        raise RemoteError("internal", "the worker ended the stream early")
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, GenerateOutput)
+                self._observe(i, item)
+                yield i, item
+        finally:
+            self.cancel()
+
+    def _observe(self, i: int, out: GenerateOutput) -> None:
+        now = time.monotonic()
+        m = self._metrics
+        if out.token_ids:
+            last = self._last[i]
+            if last is None:
+                m.ttft.observe(now - self._arrival)
+            else:
+                m.itl.observe((now - last) / len(out.token_ids))
+            self._last[i] = now
+            m.generation_tokens.inc(len(out.token_ids))
+        if out.finish_reason is not None:
+            self.finished[i] = True
+            m.e2e.observe(now - self._arrival)
+            m.finished.labels(out.finish_reason).inc()
+
+    def cancel(self) -> None:
+        """Stop every unfinished engine request (the workers abort them and free their KV)."""
+        for stream in self._streams:
+            stream.cancel()
+        for task in self._tasks:
+            task.cancel()

@@ -1,0 +1,63 @@
+"""Text ↔ tokens for the frontend: chat templates, prompt encoding, token strings for logprobs.
+
+The frontend tokenizes so that workers receive token ids only (and the router can hash them).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from tokenfab.frontend.errors import bad_request
+from tokenfab.frontend.schemas import ChatMessage
+
+# Used only when a model's tokenizer has no chat template of its own.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class Prompts:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+
+    def chat(
+        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
+    ) -> tuple[str, list[int]]:
+        """The chat template applied (with the generation prompt), as text and token ids."""
+        if not messages:
+            raise bad_request("messages must not be empty", param="messages")
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        kwargs = dict(template_kwargs or {})
+        kwargs.pop("tokenize", None)
+        kwargs.pop("conversation", None)
+        template = (
+            None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+        )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation,
+                tokenize=False,
+                add_generation_prompt=kwargs.pop("add_generation_prompt", True),
+                chat_template=template,
+                **kwargs,
+            )
+        except Exception as e:  # a template may reject a conversation (e.g. role order)
+            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
+        if not isinstance(text, str):
+            raise bad_request("chat_template_kwargs produced no text", "chat_template_kwargs")
+        # The template already wrote the special tokens (BOS etc.) it wants.
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
