@@ -298,7 +298,11 @@ def build_model(path: Path, cfg: ModelConfig, device: torch.device | str = "cpu"
     with torch.device("meta"):
         model = CausalLM(cfg)
     state = _fused_state(cfg, _hf_weights(path))
-    state = {k: v.to(device=device, dtype=cfg.dtype) for k, v in state.items()}
+    converted: dict[int, torch.Tensor] = {}  # keeps tied embeddings one tensor
+    for k, v in state.items():
+        if id(v) not in converted:
+            converted[id(v)] = v.to(device=device, dtype=cfg.dtype)
+        state[k] = converted[id(v)]
     model.load_state_dict(state, strict=True, assign=True)
     cos, sin = rope_tables(cfg, device)
     model.rope_cos, model.rope_sin = cos, sin
