@@ -1,32 +1,225 @@
 """Calibration of the performance model's efficiencies on measured serving data.
 
-The fitted parameters ship in `data/calibration.json`; `bundled_calibration()` loads them.
+The model has a handful of physically meaningful parameters (`perf.Calibration`): achieved
+fractions of peak FLOPs and bandwidth, fixed per-layer/per-step/per-request costs, and two
+serving-level ones. A few of them (the fixed software costs) differ by backend; the rest are
+shared. They are fitted by a pattern search in log space minimizing the mean absolute log
+error of TTFT and TPOT (robust: the median error is what we report), nothing per row or per
+model. The result ships in `data/calibration.json`; `bundled_calibration()` loads it.
+
+    python -m tokenfab.factory.calibrate            # refit and write data/calibration.json
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields, replace
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
+import numpy as np
+
+from tokenfab.factory.measured import Case
 from tokenfab.factory.perf import DEFAULT_CAL, Calibration
+from tokenfab.factory.serving import predict
+
+# (name, low, high): searched in log space inside the bounds
+COMMON_PARAMS: tuple[tuple[str, float, float], ...] = (
+    ("flops_eff", 0.2, 0.95),
+    ("flops_half_m", 4.0, 2048.0),
+    ("bw_eff", 0.3, 0.95),
+    ("attn_eff", 0.1, 0.9),
+    ("link_eff", 0.1, 0.95),
+    ("coll_lat_us", 1.0, 200.0),
+    ("scaleout_lat_us", 1.0, 500.0),
+    ("fp4_flops_scale", 0.2, 1.0),
+    ("moe_imbalance", 0.05, 5.0),
+    ("disagg_ms", 1.0, 2000.0),
+    ("prefill_util", 0.3, 0.97),
+    ("max_decode_batch", 16.0, 4096.0),
+)
+# fixed software costs and scheduling policy differ by engine
+BACKEND_PARAMS: tuple[tuple[str, float, float], ...] = (
+    ("layer_us", 0.5, 200.0),
+    ("step_ms", 0.05, 20.0),
+    ("ttft_ms", 1.0, 1000.0),
+    ("queue_weight", 0.01, 2.0),
+    ("prefill_chunk", 512.0, 32768.0),
+)
+BACKENDS = ("trtllm", "sglang", "vllm")
 
 
 def calibration_from_dict(d: dict) -> Calibration:
-    names = {f.name for f in fields(Calibration)} - {"extras"}
-    return Calibration(
-        **{k: float(v) if k != "prefill_chunk" else int(v) for k, v in d.items() if k in names}
-    )
+    names = {f.name for f in fields(Calibration)}
+    return Calibration(**{k: float(v) for k, v in d.items() if k in names})
+
+
+@cache
+def _bundled_raw() -> dict:
+    f = resources.files("tokenfab.factory").joinpath("data/calibration.json")
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 @cache
 def bundled_calibration(backend: str | None = None) -> Calibration:
-    """The shipped calibration (per backend when the file has one, else the common one)."""
-    f = resources.files("tokenfab.factory").joinpath("data/calibration.json")
-    if not f.is_file():
+    """The shipped calibration for a backend (unknown/None: the backends' geometric mean)."""
+    raw = _bundled_raw()
+    if not raw:
         return DEFAULT_CAL
-    raw = json.loads(f.read_text())
-    common = raw.get("common", {})
-    per = raw.get("backends", {}).get(backend or "", {})
-    return calibration_from_dict({**common, **per})
+    per = raw.get("backends", {})
+    if backend in per:
+        return calibration_from_dict({**raw["common"], **per[backend]})
+    return calibration_from_dict({**raw["common"], **_mean_backend(per)})
+
+
+def _mean_backend(per: dict[str, dict[str, float]]) -> dict[str, float]:
+    if not per:
+        return {}
+    keys = set.intersection(*(set(v) for v in per.values()))
+    return {k: float(np.exp(np.mean([np.log(v[k]) for v in per.values()]))) for k in keys}
+
+
+# ---- fitting ------------------------------------------------------------------------------
+
+
+class _Objective:
+    """Mean |log error| of TTFT and TPOT over cases for a parameter vector."""
+
+    def __init__(self, cases: Sequence[Case]):
+        self.cases = [c for c in cases if c.ttft_ms or c.tpot_ms]
+        self.backends = sorted({self._bk(c) for c in self.cases})
+        self.names: list[tuple[str, str | None]] = [(n, None) for n, _, _ in COMMON_PARAMS]
+        self.bounds = [(lo, hi) for _, lo, hi in COMMON_PARAMS]
+        for b in self.backends:
+            self.names += [(n, b) for n, _, _ in BACKEND_PARAMS]
+            self.bounds += [(lo, hi) for _, lo, hi in BACKEND_PARAMS]
+
+    @staticmethod
+    def _bk(c: Case) -> str:
+        return c.backend if c.backend in BACKENDS else "other"
+
+    def cals(self, x: np.ndarray) -> dict[str, Calibration]:
+        common = {n: float(v) for (n, b), v in zip(self.names, x, strict=True) if b is None}
+        out = {}
+        for bk in self.backends:
+            per = {n: float(v) for (n, b), v in zip(self.names, x, strict=True) if b == bk}
+            out[bk] = replace(DEFAULT_CAL, **common, **per)
+        return out
+
+    def errors(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cals = self.cals(x)
+        te, pe = [], []
+        for c in self.cases:
+            p = predict(c.model, c.system, c.deployment, cals[self._bk(c)])
+            if c.ttft_ms:
+                te.append(math.log(max(p.ttft_ms, 1e-6) / c.ttft_ms))
+            if c.tpot_ms:
+                pe.append(math.log(max(p.tpot_ms, 1e-6) / c.tpot_ms))
+        return np.array(te), np.array(pe)
+
+    def __call__(self, x: np.ndarray) -> float:
+        te, pe = self.errors(x)
+        return float(np.mean(np.abs(te)) + np.mean(np.abs(pe)))
+
+    def start(self, base: Calibration = DEFAULT_CAL) -> np.ndarray:
+        return np.array([float(getattr(base, n)) for n, _ in self.names])
+
+
+def pattern_search(
+    f: Callable[[np.ndarray], float],
+    x0: np.ndarray,
+    bounds: Sequence[tuple[float, float]],
+    sweeps: int = 6,
+    step: float = 2.0,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[np.ndarray, float]:
+    """Coordinate pattern search on log(x): try x*s and x/s per coordinate, keep what
+    improves, shrink s each sweep. Deterministic and derivative-free (the loss has kinks)."""
+    lo = np.log([b[0] for b in bounds])
+    hi = np.log([b[1] for b in bounds])
+    y = np.clip(np.log(x0), lo, hi)
+    best = f(np.exp(y))
+    s = math.log(step)
+    for sweep in range(sweeps):
+        for i in range(len(y)):
+            for d in (s, -s):
+                t = y.copy()
+                t[i] = min(max(t[i] + d, lo[i]), hi[i])
+                if t[i] == y[i]:
+                    continue
+                v = f(np.exp(t))
+                if v < best - 1e-9:
+                    y, best = t, v
+                    # keep going in a direction that works
+                    while True:
+                        t2 = y.copy()
+                        t2[i] = min(max(t2[i] + d, lo[i]), hi[i])
+                        if t2[i] == y[i]:
+                            break
+                        v2 = f(np.exp(t2))
+                        if v2 >= best - 1e-9:
+                            break
+                        y, best = t2, v2
+                    break
+        if progress:
+            progress(sweep, best)
+        s /= 2.0
+    return np.exp(y), best
+
+
+def fit(
+    cases: Sequence[Case],
+    sweeps: int = 6,
+    start: dict | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Fit the calibration on cases; returns the JSON-able {"common", "backends"} dict."""
+    obj = _Objective(cases)
+    x0 = obj.start()
+    if start:
+        for i, (n, b) in enumerate(obj.names):
+            src = start.get("common", {}) if b is None else start.get("backends", {}).get(b, {})
+            if n in src:
+                x0[i] = src[n]
+    x, _ = pattern_search(obj, x0, obj.bounds, sweeps=sweeps, progress=progress)
+    common = {n: round(float(v), 6) for (n, b), v in zip(obj.names, x, strict=True) if b is None}
+    per: dict[str, dict[str, float]] = {}
+    for (n, b), v in zip(obj.names, x, strict=True):
+        if b is not None:
+            per.setdefault(b, {})[n] = round(float(v), 6)
+    return {"common": common, "backends": per}
+
+
+def cals_from_fit(result: dict) -> Callable[[str], Calibration]:
+    def cal_for(backend: str) -> Calibration:
+        per = result["backends"]
+        extra = per.get(backend) or _mean_backend(per)
+        return calibration_from_dict({**asdict(DEFAULT_CAL), **result["common"], **extra})
+
+    return cal_for
+
+
+def main() -> None:
+    import time
+
+    from tokenfab.factory.measured import load_cases
+
+    data = resources.files("tokenfab.factory").joinpath("data/measured_serving.csv")
+    cases, _ = load_cases(Path(str(data)))
+    t0 = time.perf_counter()
+    result = fit(
+        cases,
+        start=_bundled_raw() or None,
+        progress=lambda i, v: print(f"sweep {i}: loss {v:.4f} ({time.perf_counter() - t0:.0f}s)"),
+    )
+    result["fitted_on"] = f"measured_serving.csv ({len(cases)} rows)"
+    out = Path(str(resources.files("tokenfab.factory").joinpath("data/calibration.json")))
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,8 @@ class System:
     gpu: str
     scaleup_size: int  # GPUs in one NVLink / Infinity Fabric domain
     gpus_per_node: int
-    tflops: dict[str, float]  # dense tensor TFLOPS by precision; 0 = no native path
+    # dense tensor TFLOPS by precision; 0 = no native path
+    tflops: dict[str, float] = field(hash=False, compare=False)
     hbm_gb: float
     hbm_tbps: float
     scaleup_gbps: float  # GB/s per GPU per direction

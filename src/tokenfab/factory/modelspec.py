@@ -213,6 +213,13 @@ class ModelSpec:
         dense = self.n_dense_layers * self.dense_ffn_params()
         return self.attn_total() + moe + dense + self.embed_params()
 
+    def flops_per_token(self, ctx: int = 0) -> float:
+        """Forward FLOPs of one token attending `ctx` keys: 2 per active matmul weight (the
+        input embedding is a lookup) plus QK^T and PV over the softmax layers."""
+        matmul = self.params_active - self.vocab * self.hidden
+        attn = 2.0 * ctx * self.num_heads * (self.head_dim + self.v_head_dim)
+        return 2.0 * matmul + self.n_softmax_attn * attn
+
     @property
     def is_moe(self) -> bool:
         return self.n_moe_layers > 0
@@ -246,6 +253,35 @@ class ModelSpec:
         return self.lin_v_heads * self.lin_k_dim * self.lin_v_dim * 4.0
 
 
+_SUFFIXES = ("-nvfp4", "-fp4", "-mxfp4", "-fp8", "-awq", "-int4", "-bf16", "-instruct", "-base")
+
+
+def _canonical(name: str) -> str:
+    """Short name without org, quantization and instruct suffixes: a quantized or instruct
+    checkpoint has the base model's shape (e.g. nvidia/DeepSeek-R1-NVFP4 -> deepseek-r1)."""
+    n = name.lower().split("/")[-1]
+    n = n.removeprefix("meta-")
+    changed = True
+    while changed:
+        changed = False
+        for suf in _SUFFIXES:
+            if n.endswith(suf):
+                n, changed = n[: -len(suf)], True
+    return n
+
+
+def _match_bundled(want: str) -> str | None:
+    models = bundled_models()
+    for hf in models:
+        if want in (hf.lower(), hf.split("/")[-1].lower()):
+            return hf
+    canon = _canonical(want)
+    for hf in models:
+        if _canonical(hf) == canon:
+            return hf
+    return None
+
+
 def _data_dir():
     return resources.files("tokenfab.factory").joinpath("data/model_configs")
 
@@ -269,9 +305,9 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     if p.suffix == ".json" and p.exists():
         return ModelSpec.from_hf_config(json.loads(p.read_text()), p.parent.name or p.stem)
     want = name_or_path.strip().lower()
-    for hf in bundled_models():
-        if want in (hf.lower(), hf.split("/")[-1].lower()):
-            fn = hf.replace("/", "--") + "_config.json"
-            cfg = json.loads(_data_dir().joinpath(fn).read_text())
-            return ModelSpec.from_hf_config(cfg, hf)
+    hf = _match_bundled(want)
+    if hf is not None:
+        fn = hf.replace("/", "--") + "_config.json"
+        cfg = json.loads(_data_dir().joinpath(fn).read_text())
+        return ModelSpec.from_hf_config(cfg, hf)
     raise KeyError(f"unknown model {name_or_path!r}; bundled: {', '.join(bundled_models())}")

@@ -6,21 +6,26 @@ over all `tp * attn_dp` GPUs of a pipeline stage as `moe_tp` (slices of every ex
 (whole experts). `batch` always means the sequences of the whole worker (all attention-DP
 groups together), so a worker's concurrency is `batch`.
 
-Each layer part costs max(FLOPs / achieved FLOPs, bytes / achieved bandwidth) on the busiest
-GPU; collectives cost bytes over the scale-up (or scale-out) link plus a latency; a step pays a
-fixed overhead. The achieved fractions come from `Calibration` (fitted on measured serving
-data, see calibrate.py); defaults are plain physics guesses.
+Each part of a layer costs max(FLOPs / achieved FLOP rate, bytes / achieved bandwidth) on the
+busiest GPU; collectives cost bytes over the scale-up (or, past the domain, scale-out) link plus
+a latency; every kernel and every step pays a fixed overhead. The achieved fractions come from
+`Calibration`, fitted on measured serving data (calibrate.py); defaults are physics guesses.
+Everything here is plain float arithmetic: one call costs microseconds.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 
 from tokenfab.factory.catalog import System
 from tokenfab.factory.modelspec import ModelSpec
 
-BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int4": 0.5625, "fp4": 0.5625}  # incl. scales
+# bytes per stored element; 4-bit formats carry one 8-bit scale per 16 (nvfp4) / 32 (mxfp4,
+# int4 groups) values, rounded to the nvfp4 figure
+BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int4": 0.5625, "fp4": 0.5625}
+ACT_BYTES = 2.0  # activations on the wire (bf16)
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,9 @@ class Layout:
     pp: int = 1
     ep: int = 1
     attn_dp: int = 1
-    moe_tp: int | None = None  # None: whatever of tp*attn_dp the experts don't use (G // ep)
-    precision: str = "fp8"  # weights and GEMM math: bf16 | fp8 | fp4 | int4 (weight-only)
+    moe_tp: int | None = None  # None: the rest of tp*attn_dp after ep (G // ep)
+    precision: str = "fp8"  # weights/GEMMs: bf16 | fp8 | fp4 | int4 (weight-only, bf16 math)
+    moe_precision: str | None = None  # experts when different (e.g. int4 experts, bf16 attn)
     kv_precision: str | None = None  # None: fp8 for fp8/fp4 models, else bf16
 
     @property
@@ -47,6 +53,10 @@ class Layout:
         return self.moe_tp if self.moe_tp else max(1, self.moe_group // max(self.ep, 1))
 
     @property
+    def expert_precision(self) -> str:
+        return self.moe_precision or self.precision
+
+    @property
     def kv_dtype(self) -> str:
         if self.kv_precision:
             return self.kv_precision
@@ -57,8 +67,9 @@ class Layout:
         for n in ("tp", "pp", "ep", "attn_dp"):
             if getattr(self, n) < 1:
                 return f"{n} must be >= 1"
-        if self.precision not in BYTES:
-            return f"unknown precision {self.precision}"
+        for p in (self.precision, self.expert_precision, self.kv_dtype):
+            if p not in BYTES:
+                return f"unknown precision {p}"
         if self.moe_tp_size * self.ep > self.moe_group:
             return f"moe_tp*ep = {self.moe_tp_size * self.ep} > tp*attn_dp = {self.moe_group}"
         return None
@@ -66,159 +77,252 @@ class Layout:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Achieved fractions of peak and fixed costs; few, physically meaningful parameters."""
+    """Achieved fractions of peak and fixed costs: few, physically meaningful parameters."""
 
     flops_eff: float = 0.7  # large-GEMM fraction of dense peak
     flops_half_m: float = 64.0  # GEMM rows (tokens) at which half of flops_eff is reached
     bw_eff: float = 0.75  # fraction of HBM bandwidth streaming weights / KV
-    attn_eff: float = 0.5  # fraction of peak in attention kernels (prefill FLOPs)
-    link_eff: float = 0.7  # fraction of link bandwidth in collectives
-    coll_lat_us: float = 8.0  # latency of one collective (allreduce / all-to-all)
-    layer_us: float = 6.0  # fixed per-layer kernel overhead per step
-    step_ms: float = 1.0  # fixed per-step overhead (scheduler, sampling, launch)
-    fp4_flops_scale: float = 1.0  # fraction of the fp4 peak reached relative to fp8 kernels
+    attn_eff: float = 0.45  # fraction of bf16 peak in attention kernels
+    link_eff: float = 0.7  # fraction of link bandwidth reached by collectives
+    coll_lat_us: float = 10.0  # latency of one collective inside the scale-up domain
+    scaleout_lat_us: float = 30.0  # latency of one collective crossing the scale-out network
+    layer_us: float = 8.0  # fixed kernel overheads per layer per step
+    step_ms: float = 1.5  # fixed per-step overhead (scheduler, sampling, launch)
+    fp4_flops_scale: float = 0.6  # achieved fp4 rate relative to the fp8 kernels' fraction
+    moe_imbalance: float = 1.0  # busiest GPU's expert load over the mean at large batch
     # serving-level
-    prefill_chunk: int = 8192  # tokens per prefill step in aggregated serving
-    queue_weight: float = 1.0  # share of a closed-loop wave's prefill queue seen in TTFT
-    extras: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    ttft_ms: float = 20.0  # fixed request overhead before the first token (HTTP, tokenize)
+    disagg_ms: float = 100.0  # prefill -> decode handoff (KV transfer setup, scheduling)
+    prefill_chunk: float = 8192.0  # prefill tokens per step in aggregated serving
+    queue_weight: float = 0.5  # share of a closed-loop wave's prefill queue seen in TTFT
+    prefill_util: float = 0.8  # utilization a deployer sizes the prefill pool for
+    max_decode_batch: float = 256.0  # largest decode batch per attention-DP rank
 
 
 DEFAULT_CAL = Calibration()
 
 
+def _mm_precision(system: System, prec: str) -> tuple[float, float]:
+    """(peak FLOP/s, bytes per weight) of GEMMs with weights in `prec`."""
+    if prec == "int4":
+        return system.peak_tflops("bf16") * 1e12, BYTES["int4"]
+    return system.peak_tflops(prec) * 1e12, BYTES[prec]
+
+
 @dataclass(frozen=True)
 class _HW:
-    """System figures in SI units, resolved once per (system, layout)."""
-
-    flops: float  # FLOP/s per GPU at the layout precision
+    flops: float  # dense-GEMM FLOP/s per GPU
+    moe_flops: float
+    attn_flops: float  # attention math runs in bf16
     bw: float  # HBM bytes/s per GPU
-    link_tp: float  # bytes/s per GPU for the attention TP group
-    link_moe: float  # bytes/s per GPU for the MoE group
-    wbytes: float  # bytes per weight
+    link_tp: float
+    link_moe: float
+    lat_tp: float
+    lat_moe: float
+    wbytes: float
+    moe_wbytes: float
+    kvbytes: float
+    fp4_scale: float
+    moe_fp4_scale: float
 
 
-def _hw(system: System, layout: Layout, cal: Calibration) -> _HW:
-    prec = "fp4" if layout.precision == "int4" else layout.precision
-    if layout.precision == "int4":
-        prec = "bf16"  # weight-only int4 dequantizes into bf16 math
-    flops = system.peak_tflops(prec) * 1e12
-    if prec == "fp4" and system.native("fp4"):
-        flops *= cal.fp4_flops_scale
-    up = system.scaleup_gbps * 1e9
-    out = system.scaleout_gbps * 1e9
-    link_tp = up if layout.tp <= system.scaleup_size else out
-    link_moe = up if layout.moe_group <= system.scaleup_size else out
-    return _HW(flops, system.hbm_tbps * 1e12, link_tp, link_moe, BYTES[layout.precision])
+def _hw(system: System, lay: Layout, cal: Calibration) -> _HW:
+    return _hw_cached(system.key, system, lay, cal)
 
 
-def _gemm(flops: float, nbytes: float, m: float, hw: _HW, cal: Calibration) -> float:
-    """Time of a GEMM of `m` token rows: roofline with a size-dependent achieved FLOP rate."""
-    eff = cal.flops_eff * m / (m + cal.flops_half_m)
-    return max(flops / (hw.flops * eff), nbytes / (hw.bw * cal.bw_eff))
+@lru_cache(maxsize=4096)
+def _hw_cached(_key: str, system: System, lay: Layout, cal: Calibration) -> _HW:
+    flops, wb = _mm_precision(system, lay.precision)
+    mflops, mwb = _mm_precision(system, lay.expert_precision)
+    up, out = system.scaleup_gbps * 1e9, system.scaleout_gbps * 1e9
+    in_tp = lay.tp <= system.scaleup_size
+    in_moe = lay.moe_group <= system.scaleup_size
+    lat_up, lat_out = cal.coll_lat_us * 1e-6, cal.scaleout_lat_us * 1e-6
+    fp4 = cal.fp4_flops_scale if lay.precision == "fp4" and system.native("fp4") else 1.0
+    mfp4 = cal.fp4_flops_scale if lay.expert_precision == "fp4" and system.native("fp4") else 1.0
+    return _HW(
+        flops=flops * fp4,
+        moe_flops=mflops * mfp4,
+        attn_flops=system.peak_tflops("bf16") * 1e12,
+        bw=system.hbm_tbps * 1e12,
+        link_tp=(up if in_tp else out) * cal.link_eff,
+        link_moe=(up if in_moe else out) * cal.link_eff,
+        lat_tp=lat_up if in_tp else lat_out,
+        lat_moe=lat_up if in_moe else lat_out,
+        wbytes=wb,
+        moe_wbytes=mwb,
+        kvbytes=BYTES[lay.kv_dtype],
+        fp4_scale=fp4,
+        moe_fp4_scale=mfp4,
+    )
 
 
-def _allreduce(nbytes: float, n: int, link: float, cal: Calibration) -> float:
-    if n <= 1:
-        return 0.0
-    return 2.0 * (n - 1) / n * nbytes / (link * cal.link_eff) + cal.coll_lat_us * 1e-6
-
-
-def _alltoall(nbytes: float, n: int, link: float, cal: Calibration) -> float:
-    if n <= 1:
-        return 0.0
-    return (n - 1) / n * nbytes / (link * cal.link_eff) + cal.coll_lat_us * 1e-6
+def _gemm(flops: float, nbytes: float, rows: float, peak: float, bw: float, cal: Calibration):
+    """A GEMM of `rows` token rows: roofline with a size-dependent achieved FLOP rate."""
+    eff = cal.flops_eff * rows / (rows + cal.flops_half_m)
+    return max(flops / (peak * eff), nbytes / (bw * cal.bw_eff))
 
 
 def expected_unique(n_experts: int, k: int, tokens: float) -> float:
     """Expected distinct experts hit when `tokens` tokens each pick `k` of `n_experts`
-    uniformly (the weights a MoE layer must stream at that batch)."""
+    uniformly: the experts whose weights a MoE layer must stream at that batch."""
     if tokens <= 0 or n_experts <= 0:
         return 0.0
     return n_experts * (1.0 - (1.0 - k / n_experts) ** tokens)
 
 
-def _layer_times(
-    m: ModelSpec,
-    system: System,
-    lay: Layout,
-    tokens: float,
-    attn_flops_tok: float,
-    kv_read_bytes: float,
-    cal: Calibration,
+@dataclass(frozen=True)
+class StepWork:
+    """What one step processes on a worker (all attention-DP groups together)."""
+
+    tokens: float  # token rows through the GEMMs (prefill tokens + decode sequences)
+    seqs: float  # sequences producing logits (LM head rows)
+    attn_flops: float  # softmax-attention core FLOPs per layer (QK^T + PV), whole worker
+    kv_bytes: float  # KV bytes read per softmax-attention layer, whole worker
+    lin_state_bytes: float = 0.0  # linear-attention state traffic per linear layer
+
+
+def step_time(
+    m: ModelSpec, system: System, lay: Layout, w: StepWork, cal: Calibration = DEFAULT_CAL
 ) -> float:
-    """Time of all layers of one pipeline stage chain for a step of `tokens` worker tokens.
-
-    `attn_flops_tok`: softmax-attention core FLOPs per token per layer (summed over heads);
-    `kv_read_bytes`: KV bytes read per attention layer per DP group (decode).
-    """
+    """Seconds for one forward step of the worker doing `w` (layers run stage after stage:
+    with pipeline parallelism a token still crosses every layer, each stage holding 1/pp of
+    them, so the latency of a step is that of all layers at the microbatch size)."""
     hw = _hw(system, lay, cal)
-    tp, dp = lay.tp, lay.attn_dp
-    t_dp = tokens / dp  # tokens per attention-DP group
-    act = 2.0  # bf16 activations on the wire
+    tp, dp, pp = lay.tp, lay.attn_dp, lay.pp
+    tokens = w.tokens / pp  # microbatch per stage
+    # rows of the busiest attention-DP group: sequences are not split across groups
+    seqs = max(w.seqs / pp, 1.0)
+    busiest = math.ceil(seqs / dp - 1e-9) / seqs if dp > 1 else 1.0
+    t_dp = tokens * busiest
     h = m.hidden
+    bw = hw.bw
 
-    # attention projections (TP-sharded, replicated per DP group)
+    # attention projections: TP-sharded, replicated per DP group
     ap = m.attn_params() / tp
-    t_attn_proj = _gemm(2 * t_dp * ap, ap * hw.wbytes, t_dp, hw, cal)
-    # attention core: prefill FLOPs at attention efficiency, decode KV streaming
-    core_flops = t_dp * attn_flops_tok / tp  # heads split over TP (MLA too)
-    kv_split = tp if (m.attention != "mla" and m.num_kv_heads >= tp) else 1
-    t_attn_core = max(
-        core_flops / (hw.flops * cal.attn_eff), kv_read_bytes / kv_split / (hw.bw * cal.bw_eff)
-    )
-    t_lin = 0.0
+    t_proj = _gemm(2 * t_dp * ap, ap * hw.wbytes, t_dp, hw.flops, bw, cal)
+    # attention core: heads split over TP; KV split over TP only for GQA with enough KV heads
+    core = w.attn_flops / pp * busiest / tp
+    kv_split = min(tp, m.num_kv_heads) if m.attention != "mla" else 1
+    kv = w.kv_bytes / pp * busiest / kv_split
+    t_core = max(core / (hw.attn_flops * cal.attn_eff), kv / (bw * cal.bw_eff))
+    # TP allreduce after attention and after the FFN/MoE (ring: 2(n-1)/n of the message)
+    ar = 0.0
+    if tp > 1:
+        ar = 2.0 * (tp - 1) / tp * t_dp * h * ACT_BYTES / hw.link_tp + hw.lat_tp
+
+    total = m.n_softmax_attn * (t_proj + t_core) + m.num_layers * 2 * ar
     if m.n_linear_attn:
         lp = m.linear_attn_params() / tp
-        state = m.linear_state_bytes() / tp
-        t_lin = _gemm(2 * t_dp * lp, lp * hw.wbytes + state, t_dp, hw, cal)
-    # TP allreduce after attention and after the FFN
-    ar = _allreduce(t_dp * h * act, tp, hw.link_tp, cal)
+        state = w.lin_state_bytes / pp * busiest / tp
+        fl = 2 * t_dp * lp + 6 * t_dp * m.lin_v_heads * m.lin_k_dim * m.lin_v_dim / tp
+        total += m.n_linear_attn * _gemm(fl, lp * hw.wbytes + state, t_dp, hw.flops, bw, cal)
 
-    total = 0.0
-    n_attn = m.n_softmax_attn
-    total += n_attn * (t_attn_proj + t_attn_core) + m.n_linear_attn * t_lin
-    total += m.num_layers * ar
-
-    # dense FFN layers: TP inside each DP group
     if m.n_dense_layers:
         fp = m.dense_ffn_params() / tp
-        total += m.n_dense_layers * (_gemm(2 * t_dp * fp, fp * hw.wbytes, t_dp, hw, cal) + ar)
+        total += m.n_dense_layers * _gemm(2 * t_dp * fp, fp * hw.wbytes, t_dp, hw.flops, bw, cal)
 
     if m.n_moe_layers:
-        g = lay.moe_group
-        ep, mtp = max(lay.ep, 1), lay.moe_tp_size
-        pe = m.expert_params() / mtp
-        local = m.num_experts / ep
-        touched = expected_unique(m.num_experts, m.top_k, tokens) / ep
-        touched = min(max(touched, 1.0), local)
-        flops = 2 * tokens * m.top_k * m.expert_params() / g
-        m_rows = tokens * m.top_k / max(touched * ep, 1.0)  # tokens per expert GEMM
-        t_exp = _gemm(flops, touched * pe * hw.wbytes, m_rows, hw, cal)
-        sp = m.shared_params() / tp
-        t_shared = _gemm(2 * t_dp * sp, sp * hw.wbytes, t_dp, hw, cal) if sp else 0.0
-        # token dispatch + combine across the MoE group
-        tok_gpu = tokens / g
-        a2a = _alltoall(tok_gpu * m.top_k * h * (hw.wbytes + act), g, hw.link_moe, cal)
-        total += m.n_moe_layers * (t_exp + t_shared + a2a)
+        total += m.n_moe_layers * _moe_layer(m, lay, hw, tokens, t_dp, cal)
 
-    # LM head (TP-sharded vocab) once per step
+    # LM head (vocab split over TP), only for sequences that sample
+    rows = seqs * busiest
     vp = m.vocab * h / tp
-    total += _gemm(2 * t_dp * vp, vp * hw.wbytes, t_dp, hw, cal)
+    total += _gemm(2 * rows * vp, vp * hw.wbytes, rows, hw.flops, bw, cal)
     total += m.num_layers * cal.layer_us * 1e-6
-    return total
+    return total + cal.step_ms * 1e-3
 
 
-def _kv_bytes(lay: Layout) -> float:
-    return BYTES[lay.kv_dtype] if lay.kv_dtype != "fp4" else 0.5625
+def _moe_layer(m: ModelSpec, lay: Layout, hw: _HW, tokens: float, t_dp: float, cal) -> float:
+    g = lay.moe_group
+    ep, mtp = max(lay.ep, 1), lay.moe_tp_size
+    pe = m.expert_params()
+    local = m.num_experts / ep
+    touched = min(max(expected_unique(m.num_experts, m.top_k, tokens) / ep, 1.0), local)
+    # busiest GPU: routed work spread over g GPUs, with load imbalance between EP ranks that
+    # fades as the batch grows (law of large numbers over the assignments per rank)
+    # (expected max of ep multinomial loads ~ mean + sqrt(2 ln(ep) mean)); moe_imbalance
+    # scales it for routing that is less uniform than random
+    assign = tokens * m.top_k
+    per_rank = max(assign / ep, 1.0)
+    imb = 1.0 + cal.moe_imbalance * math.sqrt(2.0 * math.log(ep) / per_rank) if ep > 1 else 1.0
+    flops = 2 * assign * pe / (ep * mtp) * imb
+    rows = assign / max(touched * ep, 1.0)  # tokens per expert GEMM
+    t = _gemm(flops, touched * pe / mtp * hw.moe_wbytes, rows, hw.moe_flops, hw.bw, cal)
+    sp = m.shared_params() / lay.tp
+    if sp:
+        t += _gemm(2 * t_dp * sp, sp * hw.wbytes, t_dp, hw.flops, hw.bw, cal)
+    if lay.attn_dp > 1 or (ep > 1 and lay.tp < g):
+        # tokens live on their DP group: dispatch (quantized) and combine (bf16) all-to-all
+        tok_gpu = t_dp / lay.tp
+        nbytes = tok_gpu * m.top_k * m.hidden * (min(hw.moe_wbytes, 1.0) + ACT_BYTES)
+        t += (g - 1) / g * nbytes / hw.link_moe + 2 * hw.lat_moe
+    return t
 
 
-def _attn_core_flops_per_token(m: ModelSpec, ctx_attended: float) -> float:
-    """QK^T + PV FLOPs of one token attending `ctx_attended` keys, summed over heads."""
-    if m.attention == "mla":
-        # absorbed MLA on the latent (decode) is the larger of the two forms; use the
-        # prefill form (per-head qk + v dims) which the kernels run for long prompts
-        return 2.0 * ctx_attended * m.num_heads * (m.head_dim + m.v_head_dim)
-    return 2.0 * ctx_attended * m.num_heads * (m.head_dim + m.v_head_dim)
+# ---- public per-phase API -----------------------------------------------------------------
+
+
+def _keys_full(m: ModelSpec, ctx: float) -> float:
+    """Keys a query attends at context `ctx`, averaged over softmax layers (sliding windows
+    and DSA top-k sparse attention cap it)."""
+    if m.sparse_topk:
+        ctx = min(ctx, float(m.sparse_topk))
+    n = max(m.n_softmax_attn, 1)
+    if m.n_sliding_attn and m.sliding_window:
+        return (m.n_full_attn * ctx + m.n_sliding_attn * min(ctx, m.sliding_window)) / n
+    return ctx
+
+
+def _core_flops_per_key(m: ModelSpec, decode: bool) -> float:
+    """QK^T + PV FLOPs per (query token, key) summed over heads."""
+    if m.attention == "mla" and decode:
+        # absorbed MLA: scores and values on the shared latent (kv_lora + rope, kv_lora)
+        return 2.0 * m.num_heads * (2 * m.kv_lora_rank + m.qk_rope_dim)
+    return 2.0 * m.num_heads * (m.head_dim + m.v_head_dim)
+
+
+def _indexer_flops_per_key(m: ModelSpec) -> float:
+    return 2.0 * m.indexer_heads * m.indexer_dim if m.sparse_topk else 0.0
+
+
+def prefill_work(m: ModelSpec, batch: float, isl: float, lay: Layout) -> StepWork:
+    keys = _keys_full(m, isl / 2.0)  # causal: half the prompt on average
+    per_tok = _core_flops_per_key(m, False) * keys
+    per_tok += _indexer_flops_per_key(m) * isl / 2.0
+    return StepWork(
+        tokens=batch * isl,
+        seqs=batch,
+        attn_flops=batch * isl * per_tok,
+        kv_bytes=0.0,
+        lin_state_bytes=batch * m.linear_state_bytes() if m.n_linear_attn else 0.0,
+    )
+
+
+def decode_work(m: ModelSpec, batch: float, ctx: float, lay: Layout) -> StepWork:
+    keys = _keys_full(m, ctx)
+    kvb = BYTES[lay.kv_dtype]
+    per_key_bytes = m.kv_elems_per_token_layer() * kvb
+    idx_bytes = ctx * m.indexer_dim * 1.0 if m.sparse_topk else 0.0
+    flops = batch * (_core_flops_per_key(m, True) * keys + _indexer_flops_per_key(m) * ctx)
+    return StepWork(
+        tokens=batch,
+        seqs=batch,
+        attn_flops=flops,
+        kv_bytes=batch * (keys * per_key_bytes + idx_bytes),
+        lin_state_bytes=2.0 * batch * m.linear_state_bytes() if m.n_linear_attn else 0.0,
+    )
+
+
+def combine(a: StepWork, b: StepWork) -> StepWork:
+    """One mixed step doing both (chunked prefill riding on a decode step)."""
+    return StepWork(
+        a.tokens + b.tokens,
+        a.seqs + b.seqs,
+        a.attn_flops + b.attn_flops,
+        a.kv_bytes + b.kv_bytes,
+        a.lin_state_bytes + b.lin_state_bytes,
+    )
 
 
 def prefill_time(
@@ -229,17 +333,8 @@ def prefill_time(
     isl: int,
     cal: Calibration = DEFAULT_CAL,
 ) -> float:
-    """Seconds to prefill `batch` prompts of `isl` tokens on one worker (one forward pass)."""
-    tokens = float(batch * isl)
-    keys = isl / 2.0  # causal: on average half the prompt attended
-    if model.sparse_topk:
-        keys = min(keys, model.sparse_topk)
-    if model.sliding_window and model.n_sliding_attn:
-        pass  # sliding layers are a minority; treated as full (upper bound)
-    t = _layer_times(
-        model, system, layout, tokens, _attn_core_flops_per_token(model, keys), 0.0, cal
-    )
-    return t + cal.step_ms * 1e-3
+    """Seconds to prefill `batch` prompts of `isl` tokens on one worker in one pass."""
+    return step_time(model, system, layout, prefill_work(model, batch, isl, layout), cal)
 
 
 def decode_step_time(
@@ -251,34 +346,18 @@ def decode_step_time(
     cal: Calibration = DEFAULT_CAL,
 ) -> float:
     """Seconds for one decode step of `batch` sequences (whole worker) at context `ctx`."""
-    b = float(max(batch, 1))
-    keys = float(ctx)
-    if model.sparse_topk:
-        keys = min(keys, float(model.sparse_topk))
-    kvb = _kv_bytes(layout)
-    per_tok_layer = model.kv_elems_per_token_layer() * kvb
-    # KV read per attention layer per DP group (sliding layers read at most their window)
-    full_share = model.n_full_attn / max(model.n_softmax_attn, 1)
-    win = min(ctx, model.sliding_window) if model.sliding_window else ctx
-    eff_ctx = full_share * keys + (1 - full_share) * win
-    kv_read = (b / layout.attn_dp) * eff_ctx * per_tok_layer
-    t = _layer_times(
-        model, system, layout, b, _attn_core_flops_per_token(model, eff_ctx), kv_read, cal
-    )
-    return t + cal.step_ms * 1e-3
+    return step_time(model, system, layout, decode_work(model, batch, ctx, layout), cal)
 
 
 def weight_bytes_per_gpu(model: ModelSpec, layout: Layout) -> float:
-    """Weight bytes resident on the busiest GPU."""
-    w = BYTES[layout.precision]
+    """Weight bytes resident on each GPU (experts spread over the MoE group)."""
+    w, mw = BYTES[layout.precision], BYTES[layout.expert_precision]
     tp = layout.tp
-    attn = model.attn_total() / tp
-    dense = model.n_dense_layers * model.dense_ffn_params() / tp
-    moe = model.n_moe_layers * (
-        model.num_experts * model.expert_params() / (layout.moe_group) + model.shared_params() / tp
-    )
+    dense = (model.attn_total() + model.n_dense_layers * model.dense_ffn_params()) / tp
+    moe = model.n_moe_layers * model.num_experts * model.expert_params() / layout.moe_group
+    shared = model.n_moe_layers * model.shared_params() / tp
     embed = model.embed_params() / tp
-    return (attn + dense + moe + embed) * w / layout.pp
+    return ((dense + shared + embed) * w + moe * mw) / layout.pp
 
 
 def kv_capacity_tokens(
@@ -286,14 +365,14 @@ def kv_capacity_tokens(
 ) -> int:
     """KV tokens the worker can hold (summed over attention-DP groups); 0 if weights don't fit.
 
-    MLA latents are replicated across TP ranks; GQA KV heads split over TP (replicated when
-    tp > kv heads). `ctx` (typical sequence length) amortizes sliding windows / linear state.
+    MLA latents are replicated across TP ranks; GQA KV heads split over TP (replicated past
+    the number of KV heads). `ctx` (typical sequence length) amortizes sliding windows and
+    linear-attention states; 2 GB per GPU are kept for activations and the runtime.
     """
     free = system.hbm_gb * 1e9 * mem_fraction - weight_bytes_per_gpu(model, layout) - 2e9
     if free <= 0:
         return 0
-    kvb = _kv_bytes(layout)
-    per_tok = model.kv_bytes_per_token(kvb, ctx or None) / layout.pp
+    per_tok = model.kv_bytes_per_token(BYTES[layout.kv_dtype], ctx or None) / layout.pp
     split = 1 if model.attention == "mla" else min(layout.tp, model.num_kv_heads)
     per_tok_gpu = per_tok / split
     if per_tok_gpu <= 0:

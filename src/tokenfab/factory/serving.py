@@ -4,18 +4,21 @@ Load model (what serving benchmarks run): `concurrency` users, each sending its 
 as soon as the previous one finishes, every request `isl` prompt tokens and `osl` output
 tokens. With request rate X, Little's law gives X = C / (TTFT + (osl - 1) * TPOT).
 
-- Aggregated: one worker runs mixed steps. Decode steps of the running batch absorb the
-  prefill work of arriving requests (chunked prefill), so TPOT = decode step + the prefill work
-  per output token; TTFT = own prefill + the prefill queue of the other users in its wave.
+- Aggregated: one worker runs mixed steps. The running decode batch absorbs the prefill work of
+  arriving requests in chunks (chunked prefill): a fraction of the steps carries a prefill
+  chunk, so TPOT = decode step + that fraction x the chunk's extra time; TTFT = own prefill
+  chunks + part of the prefill queue of the users arriving with it.
 - Disaggregated: a prefill pool and a decode pool. TPOT is a pure decode step at the decode
-  batch; TTFT is prefill + KV transfer + waiting for a prefill worker, the queue set by how
-  close the offered rate is to the prefill pool's capacity (rate matching).
+  batch; TTFT is prefill + KV transfer + the wait for a prefill worker, set by how close the
+  offered rate comes to the prefill pool's capacity (rate matching). Pools left at 0 workers
+  are sized as a deployer would: enough decode workers to hold the users (KV capacity and a
+  maximum batch) and prefill workers for a target utilization.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokenfab.factory.catalog import System
 from tokenfab.factory.modelspec import ModelSpec
@@ -23,9 +26,12 @@ from tokenfab.factory.perf import (
     DEFAULT_CAL,
     Calibration,
     Layout,
-    decode_step_time,
+    combine,
+    decode_work,
     kv_capacity_tokens,
     prefill_time,
+    prefill_work,
+    step_time,
 )
 
 
@@ -41,10 +47,10 @@ class AggDeployment:
 @dataclass(frozen=True)
 class DisaggDeployment:
     prefill_layout: Layout
-    prefill_workers: int
+    prefill_workers: int  # 0 = size by rate matching
     prefill_batch: int  # prompts per prefill forward pass per worker
     decode_layout: Layout
-    decode_workers: int
+    decode_workers: int  # 0 = as many as the users need
     decode_batch: int  # running sequences per decode worker (whole worker)
     isl: int
     osl: int
@@ -56,62 +62,55 @@ class Prediction:
     ttft_ms: float
     tpot_ms: float
     tokens_per_s_per_user: float
-    tokens_per_s_per_gpu: float  # output tokens
+    tokens_per_s_per_gpu: float  # output tokens per second per GPU
     num_gpus: int
     fits: bool
     reason: str | None = None
     requests_per_s: float = 0.0
 
 
-def _fit_reason(
-    model: ModelSpec, system: System, lay: Layout, seqs: int, seq_len: int
-) -> str | None:
+def _fit_reason(m: ModelSpec, system: System, lay: Layout, seqs: int, seq_len: int) -> str | None:
     bad = lay.check()
     if bad:
         return bad
-    cap = kv_capacity_tokens(model, system, lay, ctx=seq_len)
+    cap = kv_capacity_tokens(m, system, lay, ctx=seq_len)
     if cap <= 0:
         return f"weights do not fit in {system.hbm_gb:.0f} GB per GPU with {lay.num_gpus} GPUs"
     need = seqs * seq_len
     if need > cap:
-        return f"KV cache holds {cap} tokens, {seqs} x {seq_len} = {need} needed"
+        return f"KV cache holds {cap} tokens; {seqs} x {seq_len} = {need} needed"
     return None
-
-
-def _closed_loop_ttft(c: float, osl: int, tpot: float, t_first: float, capacity: float) -> float:
-    """TTFT of a closed loop of `c` users whose requests need `t_first` alone and a server
-    that completes at most `capacity` first tokens per second."""
-    cycle_free = t_first + max(osl - 1, 0) * tpot
-    x = min(c / cycle_free, capacity)
-    rho = min(x / capacity, 0.999)
-    # queueing delay of a nearly deterministic server (M/D/1 waiting time, halved variance)
-    wait = t_first * rho / (2.0 * (1.0 - rho)) if c > 1 else 0.0
-    return max(t_first + wait, c / x - max(osl - 1, 0) * tpot)
 
 
 def predict_agg(
     model: ModelSpec, system: System, dep: AggDeployment, cal: Calibration = DEFAULT_CAL
 ) -> Prediction:
     lay, c = dep.layout, max(dep.concurrency, 1)
-    reason = _fit_reason(model, system, lay, c, dep.isl + dep.osl)
-    ctx = dep.isl + dep.osl // 2
-    t_dec = decode_step_time(model, system, lay, c, ctx, cal)
-    # prefill batching: as many prompts as the chunk budget allows, at least one
-    pb = max(1, min(c, cal.prefill_chunk // max(dep.isl, 1)))
-    t_pb = prefill_time(model, system, lay, pb, dep.isl, cal)
-    per_req = t_pb / pb
-    t_one = prefill_time(model, system, lay, 1, dep.isl, cal)
-    tpot = t_dec + per_req * c / max(dep.osl, 1)
-    wave = cal.queue_weight * (c - 1) / 2.0 * per_req
-    ttft = t_one + t_dec / 2.0 + wave
-    cycle = ttft + max(dep.osl - 1, 0) * tpot
-    x = c / cycle
+    isl, osl = max(dep.isl, 1), max(dep.osl, 1)
+    reason = _fit_reason(model, system, lay, c, isl + osl)
+    ctx = isl + osl / 2.0
+    dec = decode_work(model, c, ctx, lay)
+    t_dec = step_time(model, system, lay, dec, cal)
+    # a prefill chunk: up to prefill_chunk tokens of whole prompts (at least one prompt part)
+    chunk = min(float(isl), cal.prefill_chunk)
+    n_chunk = max(1.0, cal.prefill_chunk // isl) if isl <= cal.prefill_chunk else 1.0
+    n_chunk = min(n_chunk, c)
+    pf = prefill_work(model, n_chunk, chunk, lay)
+    t_mix = step_time(model, system, lay, combine(dec, pf), cal)
+    steps_per_prompt = isl / chunk / n_chunk  # chunk-steps one prompt needs
+    # each output token of each user brings isl/osl prompt tokens of prefill work
+    frac = c / osl * steps_per_prompt
+    tpot = t_dec + frac * (t_mix - t_dec)
+    own = math.ceil(isl / chunk) * t_mix
+    queue = cal.queue_weight * (c - 1) / 2.0 * steps_per_prompt * t_mix
+    ttft = own + queue + t_dec / 2.0 + cal.ttft_ms * 1e-3
+    x = c / (ttft + (osl - 1) * tpot)
     gpus = lay.num_gpus * dep.workers
     return Prediction(
         ttft_ms=ttft * 1e3,
         tpot_ms=tpot * 1e3,
         tokens_per_s_per_user=1.0 / tpot,
-        tokens_per_s_per_gpu=x * dep.osl * dep.workers / gpus,
+        tokens_per_s_per_gpu=x * osl * dep.workers / gpus,
         num_gpus=gpus,
         fits=reason is None,
         reason=reason,
@@ -120,38 +119,105 @@ def predict_agg(
 
 
 def kv_transfer_time(model: ModelSpec, system: System, lay: Layout, isl: int) -> float:
-    """Moving one prompt's KV from a prefill to a decode worker over the scale-out network."""
+    """Moving one prompt's KV from a prefill to a decode worker over the scale-out network
+    (all the worker's NICs in parallel)."""
     kvb = 1.0 if lay.kv_dtype == "fp8" else 2.0
     nbytes = model.kv_bytes_per_token(kvb, isl) * isl
     return nbytes / (system.scaleout_gbps * 1e9 * lay.num_gpus)
 
 
+def max_decode_batch(
+    model: ModelSpec, system: System, lay: Layout, isl: int, osl: int, cal: Calibration
+) -> int:
+    """Most sequences a decode worker runs: KV capacity and the engine's batch limit."""
+    cap = kv_capacity_tokens(model, system, lay, ctx=isl + osl) // max(isl + osl, 1)
+    return max(1, min(int(cal.max_decode_batch * lay.attn_dp), cap))
+
+
+def size_disagg_pools(
+    model: ModelSpec,
+    system: System,
+    prefill_layout: Layout,
+    decode_layout: Layout,
+    concurrency: int,
+    isl: int,
+    osl: int,
+    cal: Calibration = DEFAULT_CAL,
+    prefill_batch: int = 1,
+) -> DisaggDeployment:
+    """A disaggregated deployment for `concurrency` users with pools sized by rate matching:
+    the fewest decode workers that hold the users, and prefill workers for the request rate
+    at `cal.prefill_util` utilization."""
+    c = max(concurrency, 1)
+    dmax = max_decode_batch(model, system, decode_layout, isl, osl, cal)
+    dw = max(1, math.ceil(c / dmax))
+    bd = math.ceil(c / dw)
+    tpot = step_time(
+        model, system, decode_layout, decode_work(model, bd, isl + osl / 2, decode_layout), cal
+    )
+    t_p = prefill_time(model, system, prefill_layout, prefill_batch, isl, cal)
+    rate = c / (t_p + max(osl - 1, 0) * tpot)
+    pw = max(1, math.ceil(rate * t_p / prefill_batch / cal.prefill_util - 1e-9))
+    return DisaggDeployment(
+        prefill_layout, pw, prefill_batch, decode_layout, dw, bd, isl, osl, concurrency=c
+    )
+
+
+def _closed_loop_ttft(c: float, osl: int, tpot: float, t_first: float, capacity: float) -> float:
+    """TTFT of a closed loop of `c` users whose first token needs `t_first` alone, served by
+    a prefill pool completing at most `capacity` prompts per second."""
+    gen = max(osl - 1, 0) * tpot
+    x = min(c / (t_first + gen), capacity)
+    rho = min(x / capacity, 0.95)
+    # waiting time of a nearly deterministic server (M/D/1)
+    wait = t_first * rho / (2.0 * (1.0 - rho)) if c > 1 else 0.0
+    return max(t_first + wait, c / x - gen)
+
+
 def predict_disagg(
     model: ModelSpec, system: System, dep: DisaggDeployment, cal: Calibration = DEFAULT_CAL
 ) -> Prediction:
+    if dep.prefill_workers <= 0 or dep.decode_workers <= 0:
+        c0 = dep.concurrency or max(dep.decode_batch, 1)
+        sized = size_disagg_pools(
+            model,
+            system,
+            dep.prefill_layout,
+            dep.decode_layout,
+            c0,
+            dep.isl,
+            dep.osl,
+            cal,
+            max(dep.prefill_batch, 1),
+        )
+        dep = replace(
+            dep,
+            prefill_workers=dep.prefill_workers or sized.prefill_workers,
+            decode_workers=dep.decode_workers or sized.decode_workers,
+            decode_batch=sized.decode_batch if dep.decode_workers <= 0 else dep.decode_batch,
+        )
     pl, dl = dep.prefill_layout, dep.decode_layout
-    bd = max(dep.decode_batch, 1)
-    c = dep.concurrency or bd * dep.decode_workers
-    reason = _fit_reason(model, system, dl, bd, dep.isl + dep.osl) or _fit_reason(
-        model, system, pl, dep.prefill_batch, dep.isl
+    isl, osl = max(dep.isl, 1), max(dep.osl, 1)
+    c = dep.concurrency or max(dep.decode_batch, 1) * dep.decode_workers
+    b_run = max(1, math.ceil(c / dep.decode_workers))
+    reason = _fit_reason(model, system, dl, b_run, isl + osl) or _fit_reason(
+        model, system, pl, dep.prefill_batch, isl
     )
-    ctx = dep.isl + dep.osl // 2
-    # decode batch actually running: users spread over decode workers
-    b_run = max(1, min(bd, math.ceil(c / dep.decode_workers)))
-    tpot = decode_step_time(model, system, dl, b_run, ctx, cal)
+    tpot = step_time(model, system, dl, decode_work(model, b_run, isl + osl / 2.0, dl), cal)
     pb = max(dep.prefill_batch, 1)
-    t_p = prefill_time(model, system, pl, pb, dep.isl, cal)
-    t_one = prefill_time(model, system, pl, 1, dep.isl, cal)
-    capacity = dep.prefill_workers * pb / t_p  # prompts per second
-    t_first = t_one + kv_transfer_time(model, system, pl, dep.isl) + tpot
-    ttft = _closed_loop_ttft(c, dep.osl, tpot, t_first, capacity)
-    x = c / (ttft + max(dep.osl - 1, 0) * tpot)
+    t_p = prefill_time(model, system, pl, pb, isl, cal)
+    t_one = prefill_time(model, system, pl, 1, isl, cal) if pb > 1 else t_p
+    capacity = dep.prefill_workers * pb / t_p
+    t_first = t_one + kv_transfer_time(model, system, pl, isl) + tpot
+    t_first += (cal.ttft_ms + cal.disagg_ms) * 1e-3
+    ttft = _closed_loop_ttft(c, osl, tpot, t_first, capacity)
+    x = c / (ttft + (osl - 1) * tpot)
     gpus = pl.num_gpus * dep.prefill_workers + dl.num_gpus * dep.decode_workers
     return Prediction(
         ttft_ms=ttft * 1e3,
         tpot_ms=tpot * 1e3,
         tokens_per_s_per_user=1.0 / tpot,
-        tokens_per_s_per_gpu=x * dep.osl / gpus,
+        tokens_per_s_per_gpu=x * osl / gpus,
         num_gpus=gpus,
         fits=reason is None,
         reason=reason,
@@ -164,12 +230,14 @@ def predict(
     system: System,
     dep: AggDeployment | DisaggDeployment,
     cal: Calibration | None = None,
+    backend: str | None = None,
 ) -> Prediction:
-    """TTFT/TPOT/throughput of a deployment; `cal` defaults to the bundled calibration."""
+    """TTFT/TPOT/throughput of a deployment. `cal` defaults to the bundled calibration
+    (for `backend` — trtllm, sglang, vllm — when given)."""
     if cal is None:
         from tokenfab.factory.calibrate import bundled_calibration
 
-        cal = bundled_calibration()
+        cal = bundled_calibration(backend)
     if isinstance(dep, AggDeployment):
         return predict_agg(model, system, dep, cal)
     return predict_disagg(model, system, dep, cal)

@@ -1,9 +1,132 @@
-"""`tokenfab plan validate`: predict every row of a measured-serving CSV (placeholder)."""
+"""`tokenfab plan validate`: predict TTFT and TPOT for every row of a measured-serving CSV.
+
+Every row that names a known (or bundled-equivalent) model and a catalog system is predicted;
+only rows that cannot be computed at all are skipped, with the reason. The JSON summary keys
+(`rows`, `predicted`, `skipped`, `ttft_mdape`, `tpot_mdape`, `ttft_p90_ape`, `tpot_p90_ape`,
+percent) are a stable interface.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from tokenfab.factory.measured import Case, load_cases
+from tokenfab.factory.perf import Calibration
+from tokenfab.factory.serving import predict
+
+
+@dataclass(frozen=True)
+class RowResult:
+    row_id: str
+    backend: str
+    ttft_ms: float
+    tpot_ms: float
+    ttft_meas: float | None
+    tpot_meas: float | None
+
+    @property
+    def ttft_ape(self) -> float | None:
+        return _ape(self.ttft_ms, self.ttft_meas)
+
+    @property
+    def tpot_ape(self) -> float | None:
+        return _ape(self.tpot_ms, self.tpot_meas)
+
+
+def _ape(pred: float, meas: float | None) -> float | None:
+    if meas is None or meas <= 0 or not np.isfinite(pred):
+        return None
+    return abs(pred - meas) / meas * 100.0
+
+
+def predict_cases(
+    cases: Sequence[Case], cal_for: Callable[[str], Calibration] | None = None
+) -> list[RowResult]:
+    """Predictions for cases; `cal_for(backend)` picks the calibration (default: bundled)."""
+    if cal_for is None:
+        from tokenfab.factory.calibrate import bundled_calibration
+
+        cal_for = bundled_calibration
+    out = []
+    for c in cases:
+        p = predict(c.model, c.system, c.deployment, cal_for(c.backend))
+        out.append(RowResult(c.row_id, c.backend, p.ttft_ms, p.tpot_ms, c.ttft_ms, c.tpot_ms))
+    return out
+
+
+def _pct(vals: list[float], q: float) -> float | None:
+    return round(float(np.percentile(vals, q)), 2) if vals else None
+
+
+def summarize(results: Sequence[RowResult], rows: int, skipped: int) -> dict:
+    te = [r.ttft_ape for r in results if r.ttft_ape is not None]
+    pe = [r.tpot_ape for r in results if r.tpot_ape is not None]
+    return {
+        "rows": rows,
+        "predicted": len(results),
+        "skipped": skipped,
+        "ttft_mdape": _pct(te, 50),
+        "tpot_mdape": _pct(pe, 50),
+        "ttft_p90_ape": _pct(te, 90),
+        "tpot_p90_ape": _pct(pe, 90),
+    }
+
+
+def validate_file(path: Path) -> tuple[dict, list[RowResult], list[tuple[str, str]]]:
+    cases, skipped = load_cases(path)
+    results = predict_cases(cases)
+    return summarize(results, len(cases) + len(skipped), len(skipped)), results, skipped
+
+
+def _fmt(x: float | None, nd: int = 1) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
 
 
 def run_validate(path: Path, as_json: bool = False) -> None:
-    raise NotImplementedError("validate is being written")
+    """CLI body: per-row table and summary, or one JSON object with `as_json`."""
+    import typer
+
+    path = Path(path)
+    if not path.is_file():
+        typer.echo(f"error: no such file: {path}", err=True)
+        raise typer.Exit(2)
+    try:
+        summary, results, skipped = validate_file(path)
+    except (KeyError, ValueError, UnicodeDecodeError) as e:  # not a CSV of this format
+        typer.echo(f"error: cannot read {path}: {e}", err=True)
+        raise typer.Exit(2) from e
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title=f"tokenfab plan validate: {path.name}")
+    for col in ("row", "backend", "TTFT ms", "meas", "err %", "TPOT ms", "meas", "err %"):
+        t.add_column(col, justify="left" if col in ("row", "backend") else "right")
+    for r in results:
+        t.add_row(
+            r.row_id[:60],
+            r.backend,
+            _fmt(r.ttft_ms),
+            _fmt(r.ttft_meas),
+            _fmt(r.ttft_ape),
+            _fmt(r.tpot_ms, 2),
+            _fmt(r.tpot_meas, 2),
+            _fmt(r.tpot_ape),
+        )
+    con.print(t)
+    for rid, why in skipped:
+        con.print(f"skipped {rid}: {why}")
+    con.print(
+        f"rows {summary['rows']}, predicted {summary['predicted']}, skipped "
+        f"{summary['skipped']}; TTFT MdAPE {_fmt(summary['ttft_mdape'])}% "
+        f"(p90 {_fmt(summary['ttft_p90_ape'])}%), TPOT MdAPE {_fmt(summary['tpot_mdape'])}% "
+        f"(p90 {_fmt(summary['tpot_p90_ape'])}%)"
+    )

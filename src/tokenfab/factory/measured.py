@@ -1,0 +1,155 @@
+"""Read rows of a measured-serving CSV (the format of `data/measured_serving.csv`) into cases
+the serving model can predict.
+
+How the columns map (studied on the bundled file):
+- a worker is `tp * pp * attention_dp` GPUs; MoE layers spread over the same GPUs as
+  `moe_tp x moe_ep` (missing/0 values are derived from the others);
+- aggregated: `batch_size` is per attention-DP rank, so a worker's concurrency is
+  `batch_size * attention_dp` (the run may use several identical replicas);
+- disaggregated: `decode_batch_size` is per attention-DP rank of one decode worker,
+  `prefill_batch_size` prompts per prefill pass per attention-DP rank, `*_num_workers` the
+  pool sizes;
+  concurrency = decode workers x decode batch x attention_dp. Rows without worker counts
+  give the run's concurrency only (`silicon_concurrency=` in `silicon_data_source`); their
+  pools are left at 0 workers and sized as a deployer would (`serving.size_disagg_pools`).
+- precision: `gemm_quant_mode`/`moe_quant_mode` (nvfp4, fp8, fp8_block, int4_wo) refine
+  `precision`; an empty precision means the checkpoint's bf16 weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenfab.factory.catalog import System, get_system
+from tokenfab.factory.modelspec import ModelSpec, load_model_spec
+from tokenfab.factory.perf import Layout
+from tokenfab.factory.serving import AggDeployment, DisaggDeployment
+
+_CONC = re.compile(r"silicon_concurrency=(\d+)")
+_QUANT = {"nvfp4": "fp4", "fp4": "fp4", "mxfp4": "fp4", "fp8": "fp8", "fp8_block": "fp8"}
+_QUANT.update({"int4_wo": "int4", "int4": "int4", "w4a16": "int4", "bf16": "bf16", "fp16": "bf16"})
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured row, resolved."""
+
+    row_id: str
+    model: ModelSpec
+    system: System
+    backend: str
+    deployment: AggDeployment | DisaggDeployment
+    ttft_ms: float | None
+    tpot_ms: float | None
+    pools_known: bool = True  # False: disaggregated pool sizes were inferred
+
+
+def _int(v: str | None, default: int = 0) -> int:
+    try:
+        return int(float(v)) if v not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        x = float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
+    return x if x is not None and x > 0 else None
+
+
+def _precisions(row: dict) -> tuple[str, str | None]:
+    p = (row.get("precision") or "").strip().lower()
+    base = _QUANT.get(p, p) if p else "bf16"
+    gemm = _QUANT.get((row.get("gemm_quant_mode") or "").strip().lower(), base)
+    moe = _QUANT.get((row.get("moe_quant_mode") or "").strip().lower(), gemm)
+    if gemm == "int4":  # weight-only int4 applies to the experts; attention stays bf16
+        gemm = "bf16"
+    return gemm, (moe if moe != gemm else None)
+
+
+def _layout(row: dict, prefix: str, gemm: str, moe: str | None) -> Layout:
+    tp = max(_int(row.get(prefix + "tp_size"), 1), 1)
+    pp = max(_int(row.get(prefix + "pp_size"), 1), 1)
+    dp = max(_int(row.get(prefix + "attention_dp_size"), 1), 1)
+    ep = _int(row.get(prefix + "moe_ep_size"), 0)
+    mtp = _int(row.get(prefix + "moe_tp_size"), 0)
+    g = tp * dp
+    if ep <= 0 and mtp <= 0:
+        ep, mtp = 1, g
+    elif ep <= 0:
+        ep = max(g // mtp, 1)
+    elif mtp <= 0:
+        mtp = max(g // ep, 1)
+    if mtp * ep > g:  # inconsistent row: keep EP, fit TP into the group
+        mtp = max(g // ep, 1)
+        ep = min(ep, g)
+    return Layout(tp=tp, pp=pp, ep=ep, attn_dp=dp, moe_tp=mtp, precision=gemm, moe_precision=moe)
+
+
+def concurrency_of(row: dict) -> int | None:
+    m = _CONC.search(row.get("silicon_data_source") or "")
+    return int(m.group(1)) if m else None
+
+
+def case_from_row(row: dict) -> Case:
+    """Resolve a row; raises ValueError/KeyError with the reason when it cannot be computed."""
+    model = load_model_spec(row["model_path"])
+    system = get_system(row["system"])
+    isl, osl = _int(row.get("isl")), _int(row.get("osl"))
+    if isl <= 0 or osl <= 0:
+        raise ValueError("isl/osl missing")
+    gemm, moe = _precisions(row)
+    mode = (row.get("mode") or "agg").strip().lower()
+    conc = concurrency_of(row)
+    known = True
+    if mode == "agg":
+        lay = _layout(row, "", gemm, moe)
+        b = _int(row.get("batch_size"), 0)
+        c = b * lay.attn_dp if b > 0 else (conc or 1)
+        dep: AggDeployment | DisaggDeployment = AggDeployment(lay, max(c, 1), isl, osl)
+    else:
+        pl = _layout(row, "prefill_", gemm, moe)
+        dl = _layout(row, "decode_", gemm, moe)
+        bd = _int(row.get("decode_batch_size"), 0)
+        dw = _int(row.get("decode_num_workers"), 0)
+        pw = _int(row.get("prefill_num_workers"), 0)
+        pb = max(_int(row.get("prefill_batch_size"), 1), 1) * pl.attn_dp
+        if bd > 0 and dw > 0 and pw > 0:
+            c = conc or bd * dl.attn_dp * dw
+            dep = DisaggDeployment(pl, pw, pb, dl, dw, bd * dl.attn_dp, isl, osl, concurrency=c)
+        else:
+            known = False
+            c = conc or (bd * dl.attn_dp * max(dw, 1) if bd else 1)
+            # pools sized at prediction time (serving.size_disagg_pools)
+            dep = DisaggDeployment(pl, 0, pb, dl, 0, 0, isl, osl, concurrency=c)
+    return Case(
+        row_id=row.get("id", ""),
+        model=model,
+        system=system,
+        backend=(row.get("backend") or "").strip().lower(),
+        deployment=dep,
+        ttft_ms=_float(row.get("silicon_ttft_ms")),
+        tpot_ms=_float(row.get("silicon_tpot_ms")),
+        pools_known=known,
+    )
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_cases(path: Path) -> tuple[list[Case], list[tuple[str, str]]]:
+    """All computable rows as cases, and (row id, reason) for the rows that are not."""
+    cases, skipped = [], []
+    for i, row in enumerate(read_rows(path)):
+        try:
+            cases.append(case_from_row(row))
+        except (KeyError, ValueError) as e:
+            skipped.append((row.get("id") or f"row {i + 1}", str(e).strip("'\"")))
+    return cases, skipped

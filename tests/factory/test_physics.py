@@ -1,0 +1,124 @@
+"""Roofline physics on cases worked by hand: the calibrated model must never beat physics."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenfab.factory.catalog import get_system
+from tokenfab.factory.modelspec import load_model_spec
+from tokenfab.factory.perf import (
+    BYTES,
+    Layout,
+    decode_step_time,
+    expected_unique,
+    kv_capacity_tokens,
+    prefill_time,
+    weight_bytes_per_gpu,
+)
+from tokenfab.factory.serving import AggDeployment, DisaggDeployment, predict, size_disagg_pools
+
+
+@pytest.fixture(scope="module")
+def llama70():
+    return load_model_spec("meta-llama/Llama-3.1-70B")
+
+
+@pytest.fixture(scope="module")
+def dsv3():
+    return load_model_spec("deepseek-ai/DeepSeek-V3")
+
+
+def test_decode_batch1_bounded_by_weight_streaming(llama70):
+    # Llama-3.1-70B fp8 on one H200: every step streams all 70.6 GB of weights through
+    # 4.8 TB/s of HBM, so a token takes at least 14.7 ms.
+    h200 = get_system("h200")
+    lay = Layout(tp=1, precision="fp8")
+    wbytes = weight_bytes_per_gpu(llama70, lay)
+    assert wbytes == pytest.approx(llama70.params_total * 1.0)
+    bound = wbytes / (h200.hbm_tbps * 1e12)
+    assert bound == pytest.approx(0.0147, rel=0.01)
+    t = decode_step_time(llama70, h200, lay, batch=1, ctx=1024)
+    assert bound < t < 2.0 * bound  # physics floor; not wildly above it either
+
+
+def test_tp_shares_weight_streaming(llama70):
+    h200 = get_system("h200")
+    t1 = decode_step_time(llama70, h200, Layout(tp=1), 1, 1024)
+    t4 = decode_step_time(llama70, h200, Layout(tp=4), 1, 1024)
+    assert t4 < t1  # four GPUs stream a quarter each, minus allreduce and fixed costs
+    assert t4 > t1 / 4
+
+
+def test_prefill_bounded_by_two_flops_per_param(llama70):
+    # prefill FLOPs ~ 2 * params * tokens; at fp8 peak of 8 H100s 16k tokens need >= this
+    h100 = get_system("h100_sxm")
+    tokens = 16 * 1024
+    flops = 2 * llama70.params_total * tokens
+    bound = flops / (8 * h100.tflops["fp8"] * 1e12)
+    t = prefill_time(llama70, h100, Layout(tp=8, precision="fp8"), batch=16, isl=1024)
+    assert t > bound
+    assert t < 4 * bound  # large prefill is compute bound
+
+
+def test_moe_active_weights(dsv3):
+    # one token touches 8 of 256 experts per MoE layer; a big batch touches them all
+    assert expected_unique(256, 8, 1) == pytest.approx(8)
+    assert expected_unique(256, 8, 10_000) == pytest.approx(256, rel=1e-6)
+    assert 8 < expected_unique(256, 8, 4) < 32
+    # DeepSeek-V3 decode at batch 1 on 8 GB200s streams ~active params, far less than total
+    gb200 = get_system("gb200")
+    lay = Layout(tp=8, ep=8, precision="fp4")
+    t1 = decode_step_time(dsv3, gb200, lay, 1, 2048)
+    floor_total = dsv3.params_total * BYTES["fp4"] / 8 / (gb200.hbm_tbps * 1e12)
+    assert t1 < floor_total  # did not stream all experts
+    t256 = decode_step_time(dsv3, gb200, lay, 256, 2048)
+    assert t256 > t1
+
+
+def test_mla_kv_not_split_by_tp_but_gqa_is(dsv3, llama70):
+    h200 = get_system("h200")
+    # GQA: 8 KV heads split over tp=8 -> 8x the tokens of one GPU's share
+    c1 = kv_capacity_tokens(llama70, h200, Layout(tp=8), ctx=2048)
+    free = h200.hbm_gb * 1e9 * 0.9 - weight_bytes_per_gpu(llama70, Layout(tp=8)) - 2e9
+    assert c1 == pytest.approx(free / (llama70.kv_bytes_per_token(1.0) / 8), rel=1e-6)
+    # MLA latent is replicated on every TP rank; attention DP multiplies the capacity
+    tp8 = kv_capacity_tokens(dsv3, h200, Layout(tp=8, ep=8), ctx=2048)
+    dp8 = kv_capacity_tokens(dsv3, h200, Layout(tp=1, attn_dp=8, ep=8), ctx=2048)
+    # (less than 8x: each DP rank also holds a full copy of the attention weights)
+    assert 4 * tp8 < dp8 < 8 * tp8
+
+
+def test_weights_that_do_not_fit(llama70):
+    h100 = get_system("h100_sxm")
+    assert kv_capacity_tokens(llama70, h100, Layout(tp=1, precision="bf16")) == 0
+    p = predict(llama70, h100, AggDeployment(Layout(tp=1, precision="bf16"), 8, 1024, 256))
+    assert not p.fits and "weights do not fit" in p.reason
+    assert p.tpot_ms > 0  # still predicted
+
+
+def test_agg_latency_and_throughput_grow_with_concurrency(llama70):
+    h200 = get_system("h200")
+    lay = Layout(tp=4, precision="fp8")
+    p = [predict(llama70, h200, AggDeployment(lay, c, 1024, 1024)) for c in (1, 16, 128)]
+    assert p[0].fits and p[2].fits
+    assert p[0].ttft_ms < p[1].ttft_ms < p[2].ttft_ms
+    assert p[0].tpot_ms < p[1].tpot_ms < p[2].tpot_ms
+    assert p[0].tokens_per_s_per_gpu < p[1].tokens_per_s_per_gpu < p[2].tokens_per_s_per_gpu
+    assert p[0].tokens_per_s_per_user == pytest.approx(1000 / p[0].tpot_ms)
+
+
+def test_disagg_rate_matching(dsv3):
+    gb200 = get_system("gb200")
+    pl = Layout(tp=1, attn_dp=4, ep=4, precision="fp4")
+    dl = Layout(tp=1, attn_dp=16, ep=16, precision="fp4")
+    small = size_disagg_pools(dsv3, gb200, pl, dl, 64, 8192, 1024)
+    big = size_disagg_pools(dsv3, gb200, pl, dl, 4096, 8192, 1024)
+    assert big.prefill_workers > small.prefill_workers >= 1
+    assert big.decode_workers >= small.decode_workers >= 1
+    # too few prefill workers for the load: the prompts queue and TTFT explodes
+    starved = DisaggDeployment(
+        pl, 1, 1, dl, big.decode_workers, big.decode_batch, 8192, 1024, concurrency=4096
+    )
+    assert predict(dsv3, gb200, starved).ttft_ms > 5 * predict(dsv3, gb200, big).ttft_ms
+    p = predict(dsv3, gb200, big)
+    assert p.num_gpus == 4 * big.prefill_workers + 16 * big.decode_workers
