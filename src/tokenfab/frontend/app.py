@@ -94,11 +94,28 @@ async def read_json(request: Request, model: type[M], max_bytes: int) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
-        err = e.errors(include_url=False, include_input=False)[0]
-        loc = ".".join(str(p) for p in err.get("loc", ()))
+        errors = e.errors(include_url=False, include_input=False)
+        err = errors[0]
         if err.get("type") == "json_invalid":
             raise bad_request(f"invalid JSON: {err['msg']}") from None
-        raise bad_request(f"{loc or 'body'}: {err['msg']}", loc or None) from None
+        loc = _field_path(err.get("loc", ()))
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise bad_request(f"{loc or 'body'}: {err['msg']}{more}", loc or None) from None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _field_path(loc: tuple) -> str:
+    """The field path of a validation error without pydantic's union-branch tags
+    (`prompt.list[int].3` -> `prompt.3`)."""
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(str(p))
+        elif p.isidentifier() and p.lower() == p and p not in _TYPE_TAGS:
+            parts.append(p)
+    return ".".join(parts)
 
 
 async def _wait_disconnect(request: Request) -> None:
