@@ -53,6 +53,7 @@ def test_price_book_has_a_sourced_price_for_every_system() -> None:
     book = load_prices()
     for key in load_systems():
         assert book.gpu_hour(key) > 0
-        assert "http" in book.gpu_hour_note[key] or "estimate" in book.gpu_hour_note[key]
+        src = book.gpu_hour_source[key]
+        assert "http" in src or "estimate" in src
     with pytest.raises(KeyError):
         book.gpu_hour("no_such_system")

@@ -25,7 +25,8 @@ class PriceBook:
     """Default prices with their sources (see data/prices.toml)."""
 
     gpu_hour_usd: dict[str, float]
-    gpu_hour_note: dict[str, str]
+    gpu_hour_note: dict[str, str]  # short note and source key, for tables
+    gpu_hour_source: dict[str, str]  # the full source text
     usd_per_kwh: float
     pue: float
     usd_per_mtok: float
@@ -45,7 +46,8 @@ def load_prices() -> PriceBook:
     gpu = raw["gpu_hour"]
     return PriceBook(
         gpu_hour_usd={k: float(v["usd"]) for k, v in gpu.items()},
-        gpu_hour_note={k: f"{v.get('note', '')} [{refs[v['source']]}]" for k, v in gpu.items()},
+        gpu_hour_note={k: f"{v.get('note', '')} [{v['source']}]" for k, v in gpu.items()},
+        gpu_hour_source={k: refs[v["source"]] for k, v in gpu.items()},
         usd_per_kwh=float(raw["energy"]["usd_per_kwh"]),
         pue=float(raw["energy"]["pue"]),
         usd_per_mtok=float(raw["token_price"]["usd_per_mtok"]),

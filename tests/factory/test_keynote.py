@@ -1,0 +1,38 @@
+"""The GTC 2025 keynote replay runs and judges every claim from its own numbers."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from tokenfab.cli import app
+from tokenfab.factory.keynote import run_keynote
+
+
+def test_keynote_report() -> None:
+    rep = run_keynote(isl=1024, osl=1024)
+    assert [c.key for c in rep.claims] == ["hopper_2m", "gb200_9.2m", "25x", "40x"]
+    for c in rep.claims:
+        assert c.verdict in ("supported", "not supported", "only at the edge")
+        assert c.why
+    # Blackwell's frontier reaches further in interactivity and is higher at Hopper's best point
+    hop, fp4 = rep.frontiers["hopper"]["all"], rep.frontiers["gb200_fp4"]["all"]
+    assert fp4.x_max > hop.x_max
+    assert fp4.at(hop.x_at_peak) > hop.peak
+    # the 25x verdict agrees with its own figure
+    c25 = rep.claims[2]
+    solid = c25.figures["max_ratio_where_hopper_above_10pct_of_peak"]
+    assert (c25.verdict == "supported") == (solid >= 0.8 * 25)
+
+
+def test_keynote_cli_json_and_plot(tmp_path) -> None:
+    png = tmp_path / "k.png"
+    res = CliRunner().invoke(
+        app, ["plan", "keynote", "--osl", "1024", "--json", "--plot", str(png)]
+    )
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["model"] == "deepseek-ai/DeepSeek-R1" and len(d["claims"]) == 4
+    assert set(d["fleets"]) == {"h100", "h200", "gb200_fp8", "gb200_fp4"}
+    assert png.read_bytes()[:4] == b"\x89PNG"

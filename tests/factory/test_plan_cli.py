@@ -1,0 +1,80 @@
+"""`tokenfab plan`: JSON, CSV, plot, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tokenfab.cli import app
+
+SMALL = ["plan", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--system", "h100", "--gpus", "4"]
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_plan_json(runner: CliRunner) -> None:
+    res = runner.invoke(app, [*SMALL, "--isl", "512", "--osl", "256", "--tpot", "20", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["query"]["system"] == "h100_sxm" and d["query"]["precision"] == "bf16"
+    assert d["best"]["tpot_ms"] <= 20
+    assert d["frontier"] and d["search"]["evaluated"] > 0
+    e = d["economics"]
+    # $/Mtok follows from $/GPU-hour and tokens/s/GPU of the best point
+    tps = d["best"]["tokens_per_s_per_gpu"]
+    assert e["usd_per_mtok"] == pytest.approx(e["usd_per_gpu_hour"] / (tps * 3600 / 1e6), rel=1e-3)
+    assert e["usd_per_gpu_hour"] == 3.0  # the cited default for H100 SXM
+
+
+def test_plan_table_csv_and_plot(runner: CliRunner, tmp_path) -> None:
+    out_csv, out_png = tmp_path / "f.csv", tmp_path / "f.png"
+    res = runner.invoke(
+        app,
+        [*SMALL, "--price-per-gpu-hour", "2.5", "--csv", str(out_csv), "--plot", str(out_png)],
+    )
+    assert res.exit_code == 0, res.output
+    assert "Pareto frontier" in res.stdout and "$2.50" in res.stdout
+    rows = list(csv.DictReader(out_csv.open()))
+    assert rows and float(rows[0]["tokens_per_s_per_gpu"]) > 0
+    assert out_png.stat().st_size > 10_000
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["plan", "--model", "no/such-model", "--system", "h100"], "unknown model"),
+        (["plan", "--model", "meta-llama/Llama-3.1-70B", "--system", "tpu9"], "unknown system"),
+        (
+            ["plan", "--model", "meta-llama/Llama-3.1-70B", "--system", "h100", "--gpus", "0"],
+            "gpus",
+        ),
+        (
+            ["plan", "--model", "deepseek-ai/DeepSeek-R1", "--system", "h100", "--gpus", "2"],
+            "does not fit",
+        ),
+        (
+            ["plan", "--model", "meta-llama/Llama-3.1-70B", "--system", "h100", "--mode", "x"],
+            "mode",
+        ),
+        (["plan", "--system", "h100"], "--model"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(runner: CliRunner, args: list[str], needle: str) -> None:
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    err = res.stderr.strip()
+    assert needle in err and "\n" not in err and err.startswith("error:")
+
+
+def test_subcommands_stay_reachable(runner: CliRunner) -> None:
+    res = runner.invoke(app, ["plan", "validate", "--help"])
+    assert res.exit_code == 0 and "--data" in res.stdout
+    res = runner.invoke(app, ["plan", "keynote", "--help"])
+    assert res.exit_code == 0 and "--osl" in res.stdout
