@@ -161,7 +161,7 @@ def _request_id(prefix: str) -> str:
 def prepare_chat(req: ChatCompletionRequest, prompts: Prompts, max_model_len: int) -> Prepared:
     _common_checks(req)
     if req.tools:
-        raise bad_request("tool calling is not supported", "tools")
+        raise bad_request("tools (tool calling) are not supported", "tools")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request("only response_format type 'text' is supported", "response_format")
     logprobs: int | None = None
