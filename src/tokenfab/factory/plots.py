@@ -65,7 +65,7 @@ def plot_search(result: SearchResult, path: Path) -> Path:
                     markersize=4,
                     color=color,
                     label=f"{mode} frontier ({len(pts)} evaluated)",
-                    drawstyle="steps-post",
+                    drawstyle="steps-pre",
                 )
         if result.best is not None:
             b = result.best
@@ -133,7 +133,7 @@ def plot_curves(
             marker=c.marker,
             markersize=3,
             linestyle=c.linestyle,
-            drawstyle="steps-post",
+            drawstyle="steps-pre",
         )
     ax.set_xlabel("tokens/s per user (interactivity)")
     ax.set_ylabel(ylabel)
