@@ -151,7 +151,7 @@ def run_tokenfab(q: Question) -> Answer:
 def _aic_layout(row: dict, mode: str) -> str:
     if mode == "agg":
         n = int(float(row["num_total_gpus"]))
-        return f"agg {row['parallel']} bs{row['bs']} ({n} GPUs/worker)"
+        return f"{row['parallel']} bs{row['bs']} ({n} GPUs/worker)"
     return (
         f"{row['(p)workers']}P[{row['(p)parallel']} bs{row['(p)bs']}] + "
         f"{row['(d)workers']}D[{row['(d)parallel']} bs{row['(d)bs']}]"

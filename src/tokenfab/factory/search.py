@@ -4,7 +4,8 @@ The space:
 - worker layouts valid for the model and system: GPUs per worker a power of two up to N;
   tensor parallelism inside the scale-up domain and dividing the heads; for MoE models every
   split of a pipeline stage's GPUs into attention TP x attention-DP and into MoE-TP x EP
-  (EP dividing the experts, MoE-TP dividing the expert FFN); pipeline stages for memory;
+  (EP dividing the experts, MoE-TP dividing the expert FFN into slices of >= 128 columns);
+  pipeline stages for memory;
 - per layout, batch sizes on a grid (per attention-DP rank) up to what the KV cache holds;
 - aggregated: `N // gpus` identical workers;
 - disaggregated: a prefill pool and a decode pool, rate-matched within N GPUs, replicated.
@@ -47,6 +48,7 @@ PREFILL_BATCH_PER_RANK = (1, 2, 4, 8)
 PREFILL_TOKENS_MAX = 16384  # prompt tokens per prefill pass per rank (engines cap the chunk)
 PREFILL_UTILIZATIONS = (0.5, 0.7, 0.85, 0.95)  # prefill pool load targets tried per pairing
 MAX_WORKER_GPUS = 128
+MIN_EXPERT_SLICE = 128  # MoE-TP keeps >= one tensor-core tile of each expert's FFN per GPU
 PIPELINE_STAGES = (1, 2, 4, 8)
 MODES = ("agg", "disagg")
 
@@ -228,6 +230,8 @@ def enumerate_layouts(
                 for ep in _pow2_upto(group):
                     mtp = group // ep
                     if model.num_experts % ep or model.moe_ffn_dim % mtp:
+                        continue
+                    if mtp > 1 and model.moe_ffn_dim // mtp < MIN_EXPERT_SLICE:
                         continue
                     out.append(
                         Layout(tp=tp, pp=pp, ep=ep, attn_dp=dp, moe_tp=mtp, precision=precision)
