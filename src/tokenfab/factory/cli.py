@@ -85,7 +85,7 @@ def plan(
 
         plot_search(result, plot_path)
     if as_json:
-        typer.echo(json.dumps(_plan_json(result, econ), allow_nan=False, default=_finite))
+        typer.echo(json.dumps(_finite(_plan_json(result, econ)), allow_nan=False))
         return
     _print_plan(result, econ, top)
     for label, p in (("frontier CSV", csv_path), ("plot", plot_path)):
@@ -99,7 +99,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def _finite(o: object) -> object:
-    raise TypeError(f"not JSON serializable: {o!r}")
+    """JSON-safe copy: inf/NaN (e.g. the cost of a point that produces nothing) become null."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _run_plan(
@@ -181,8 +188,8 @@ def _econ_dict(econ: dict) -> dict:
     return {
         "usd_per_gpu_hour": e.usd_per_gpu_hour,
         "usd_per_gpu_hour_source": econ["gpu_hour_source"],
-        "usd_per_mtok": _num(e.usd_per_mtok),
-        "energy_usd_per_mtok": _num(e.energy_usd_per_mtok),
+        "usd_per_mtok": e.usd_per_mtok,
+        "energy_usd_per_mtok": e.energy_usd_per_mtok,
         "tokens_per_s_per_mw": e.tokens_per_s_per_mw,
         "tokens_per_mw_year": e.tokens_per_mw_year,
         "price_usd_per_mtok": e.price_usd_per_mtok,
@@ -192,10 +199,6 @@ def _econ_dict(econ: dict) -> dict:
         "usd_per_kwh": e.usd_per_kwh,
         "pue": e.pue,
     }
-
-
-def _num(v: float) -> float | None:
-    return v if math.isfinite(v) else None
 
 
 def _plan_json(result, econ: dict) -> dict:
@@ -399,7 +402,7 @@ def keynote(
     if as_json:
         d = rep.to_dict()
         d["plot"] = str(plot_path) if plot_path else None
-        typer.echo(json.dumps(d))
+        typer.echo(json.dumps(_finite(d), allow_nan=False))
         return
     typer.echo(render_text(rep))
     typer.echo(KEYNOTE_NOTE)
