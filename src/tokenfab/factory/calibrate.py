@@ -3,9 +3,8 @@
 The model has a handful of physically meaningful parameters (`perf.Calibration`): achieved
 fractions of peak FLOPs and bandwidth, fixed per-layer/per-step/per-request costs, and two
 serving-level ones. A few of them (the fixed software costs) differ by backend; the rest are
-shared. They are fitted by a pattern search in log space minimizing the mean absolute log
-error of TTFT and TPOT (robust: the median error is what we report), nothing per row or per
-model. The result ships in `data/calibration.json`; `bundled_calibration()` loads it.
+shared. They are fitted by a pattern search in log space minimizing a robust loss of the log
+errors of TTFT and TPOT (the median error is what we report), nothing per row or per model. The result ships in `data/calibration.json`; `bundled_calibration()` loads it.
 
     python -m tokenfab.factory.calibrate            # refit and write data/calibration.json
 """
@@ -30,20 +29,25 @@ from tokenfab.factory.serving import predict
 COMMON_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("flops_eff", 0.2, 0.95),
     ("flops_half_m", 4.0, 2048.0),
+    ("flops_half_elems", 1e4, 1e9),
     ("bw_eff", 0.3, 0.95),
-    ("attn_eff", 0.1, 0.9),
+    ("attn_eff", 0.05, 0.9),
+    ("decode_attn_eff", 0.02, 0.9),
+    ("moe_prefill_us", 1.0, 5000.0),
     ("link_eff", 0.1, 0.95),
-    ("coll_lat_us", 1.0, 200.0),
     ("scaleout_lat_us", 1.0, 500.0),
     ("fp4_flops_scale", 0.2, 1.0),
     ("moe_imbalance", 0.05, 5.0),
     ("disagg_ms", 1.0, 2000.0),
     ("prefill_util", 0.3, 0.97),
     ("max_decode_batch", 16.0, 4096.0),
+    ("decode_pool_gpus", 1.0, 512.0),
 )
 # fixed software costs and scheduling policy differ by engine
 BACKEND_PARAMS: tuple[tuple[str, float, float], ...] = (
+    ("coll_lat_us", 1.0, 200.0),
     ("layer_us", 0.5, 200.0),
+    ("prefill_layer_us", 1.0, 3000.0),
     ("step_ms", 0.05, 20.0),
     ("ttft_ms", 1.0, 1000.0),
     ("queue_weight", 0.01, 2.0),
@@ -85,6 +89,13 @@ def _mean_backend(per: dict[str, dict[str, float]]) -> dict[str, float]:
 # ---- fitting ------------------------------------------------------------------------------
 
 
+def _robust(e: np.ndarray, scale: float = 0.25) -> float:
+    """Mean Cauchy-like loss of log errors: linear in |e| near 0, growing only
+    logarithmically past `scale`, so unexplainable outliers (runs whose TTFT held minutes of
+    queueing) don't pull the parameters away from the bulk of the rows."""
+    return float(np.mean(scale * np.log1p(np.abs(e) / scale)))
+
+
 class _Objective:
     """Mean |log error| of TTFT and TPOT over cases for a parameter vector."""
 
@@ -122,7 +133,7 @@ class _Objective:
 
     def __call__(self, x: np.ndarray) -> float:
         te, pe = self.errors(x)
-        return float(np.mean(np.abs(te)) + np.mean(np.abs(pe)))
+        return _robust(te) + _robust(pe)
 
     def start(self, base: Calibration = DEFAULT_CAL) -> np.ndarray:
         return np.array([float(getattr(base, n)) for n, _ in self.names])
@@ -200,6 +211,55 @@ def cals_from_fit(result: dict) -> Callable[[str], Calibration]:
         return calibration_from_dict({**asdict(DEFAULT_CAL), **result["common"], **extra})
 
     return cal_for
+
+
+def kfold(cases: Sequence[Case], k: int, seed: int = 0, key=None) -> list[int]:
+    """Fold index per case: random (`key` None) or grouped so all cases with the same
+    `key(case)` fall in one fold (e.g. a whole concurrency sweep, or a whole model)."""
+    rng = np.random.default_rng(seed)
+    if key is None:
+        idx = rng.permutation(len(cases))
+        folds = [0] * len(cases)
+        for j, i in enumerate(idx):
+            folds[i] = j % k
+        return folds
+    groups = sorted({key(c) for c in cases}, key=str)
+    order = rng.permutation(len(groups))
+    # greedy balance: biggest groups first onto the lightest fold
+    sizes = {g: 0 for g in groups}
+    for c in cases:
+        sizes[key(c)] += 1
+    load = [0] * k
+    where: dict = {}
+    for gi in sorted(order, key=lambda i: -sizes[groups[i]]):
+        f = int(np.argmin(load))
+        where[groups[gi]] = f
+        load[f] += sizes[groups[gi]]
+    return [where[key(c)] for c in cases]
+
+
+def cross_validate(
+    cases: Sequence[Case],
+    folds: Sequence[int],
+    sweeps: int = 6,
+    progress: Callable[[str], None] | None = None,
+):
+    """Fit on all folds but one, predict the held-out one, for every fold. Each fit starts
+    from the uncalibrated defaults, so nothing of the held-out rows leaks in. Returns the
+    held-out RowResults in case order."""
+    from tokenfab.factory.validate import predict_cases
+
+    out: list = [None] * len(cases)
+    for f in sorted(set(folds)):
+        train = [c for c, g in zip(cases, folds, strict=True) if g != f]
+        test_idx = [i for i, g in enumerate(folds) if g == f]
+        result = fit(train, sweeps=sweeps)
+        preds = predict_cases([cases[i] for i in test_idx], cals_from_fit(result))
+        for i, r in zip(test_idx, preds, strict=True):
+            out[i] = r
+        if progress:
+            progress(f"fold {f}: trained on {len(train)}, predicted {len(test_idx)}")
+    return out
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ How the columns map (studied on the bundled file):
   give the run's concurrency only (`silicon_concurrency=` in `silicon_data_source`); their
   pools are left at 0 workers and sized as a deployer would (`serving.size_disagg_pools`).
 - precision: `gemm_quant_mode`/`moe_quant_mode` (nvfp4, fp8, fp8_block, int4_wo) refine
-  `precision`; an empty precision means the checkpoint's bf16 weights.
+  `precision`; an empty precision means the checkpoint's bf16 weights. The KV-cache dtype
+  is not in the file: each backend's default is assumed (`_kv_precision`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def _precisions(row: dict) -> tuple[str, str | None]:
     return gemm, (moe if moe != gemm else None)
 
 
+def _kv_precision(backend: str, gemm: str, moe: str | None) -> str:
+    """TensorRT-LLM quantizes the KV cache with fp8/fp4 checkpoints; vLLM and SGLang keep
+    the default 'auto' KV dtype (bf16) unless told otherwise."""
+    quantized = gemm in ("fp8", "fp4") or moe in ("fp8", "fp4")
+    return "fp8" if backend == "trtllm" and quantized else "bf16"
+
+
 def _layout(row: dict, prefix: str, gemm: str, moe: str | None) -> Layout:
     tp = max(_int(row.get(prefix + "tp_size"), 1), 1)
     pp = max(_int(row.get(prefix + "pp_size"), 1), 1)
@@ -88,7 +96,17 @@ def _layout(row: dict, prefix: str, gemm: str, moe: str | None) -> Layout:
     if mtp * ep > g:  # inconsistent row: keep EP, fit TP into the group
         mtp = max(g // ep, 1)
         ep = min(ep, g)
-    return Layout(tp=tp, pp=pp, ep=ep, attn_dp=dp, moe_tp=mtp, precision=gemm, moe_precision=moe)
+    kv = _kv_precision((row.get("backend") or "").strip().lower(), gemm, moe)
+    return Layout(
+        tp=tp,
+        pp=pp,
+        ep=ep,
+        attn_dp=dp,
+        moe_tp=mtp,
+        precision=gemm,
+        moe_precision=moe,
+        kv_precision=kv,
+    )
 
 
 def concurrency_of(row: dict) -> int | None:

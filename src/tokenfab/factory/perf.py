@@ -81,12 +81,16 @@ class Calibration:
 
     flops_eff: float = 0.7  # large-GEMM fraction of dense peak
     flops_half_m: float = 64.0  # GEMM rows (tokens) at which half of flops_eff is reached
+    flops_half_elems: float = 1e6  # weight-matrix elements per GPU at which half is reached
     bw_eff: float = 0.75  # fraction of HBM bandwidth streaming weights / KV
-    attn_eff: float = 0.45  # fraction of bf16 peak in attention kernels
+    attn_eff: float = 0.45  # fraction of bf16 peak in prefill attention kernels
+    decode_attn_eff: float = 0.3  # fraction of bf16 peak in decode attention kernels
     link_eff: float = 0.7  # fraction of link bandwidth reached by collectives
     coll_lat_us: float = 10.0  # latency of one collective inside the scale-up domain
     scaleout_lat_us: float = 30.0  # latency of one collective crossing the scale-out network
-    layer_us: float = 8.0  # fixed kernel overheads per layer per step
+    layer_us: float = 8.0  # fixed kernel overheads per layer of a decode step (CUDA graphs)
+    prefill_layer_us: float = 300.0  # per layer of a step carrying prefill (eager launches)
+    moe_prefill_us: float = 500.0  # extra per MoE layer in such a step (routing syncs, permutes)
     step_ms: float = 1.5  # fixed per-step overhead (scheduler, sampling, launch)
     fp4_flops_scale: float = 0.6  # achieved fp4 rate relative to the fp8 kernels' fraction
     moe_imbalance: float = 1.0  # busiest GPU's expert load over the mean at large batch
@@ -97,6 +101,7 @@ class Calibration:
     queue_weight: float = 0.5  # share of a closed-loop wave's prefill queue seen in TTFT
     prefill_util: float = 0.8  # utilization a deployer sizes the prefill pool for
     max_decode_batch: float = 256.0  # largest decode batch per attention-DP rank
+    decode_pool_gpus: float = 32.0  # typical decode pool when a file gives no pool sizes
 
 
 DEFAULT_CAL = Calibration()
@@ -157,9 +162,13 @@ def _hw_cached(_key: str, system: System, lay: Layout, cal: Calibration) -> _HW:
     )
 
 
-def _gemm(flops: float, nbytes: float, rows: float, peak: float, bw: float, cal: Calibration):
-    """A GEMM of `rows` token rows: roofline with a size-dependent achieved FLOP rate."""
-    eff = cal.flops_eff * rows / (rows + cal.flops_half_m)
+def _gemm(
+    flops: float, nbytes: float, rows: float, elems: float, peak: float, bw: float, cal: Calibration
+) -> float:
+    """A GEMM of `rows` token rows against `elems`-element weight matrices (per GPU): roofline
+    whose achieved FLOP rate falls for thin (few rows) and for small (few weights) GEMMs, where
+    tiles and SMs go unfilled."""
+    eff = cal.flops_eff * rows / (rows + cal.flops_half_m) * elems / (elems + cal.flops_half_elems)
     return max(flops / (peak * eff), nbytes / (bw * cal.bw_eff))
 
 
@@ -180,6 +189,7 @@ class StepWork:
     attn_flops: float  # softmax-attention core FLOPs per layer (QK^T + PV), whole worker
     kv_bytes: float  # KV bytes read per softmax-attention layer, whole worker
     lin_state_bytes: float = 0.0  # linear-attention state traffic per linear layer
+    prefill: bool = False  # carries prompt tokens (runs eagerly, not as a captured graph)
 
 
 def step_time(
@@ -200,12 +210,13 @@ def step_time(
 
     # attention projections: TP-sharded, replicated per DP group
     ap = m.attn_params() / tp
-    t_proj = _gemm(2 * t_dp * ap, ap * hw.wbytes, t_dp, hw.flops, bw, cal)
+    t_proj = _gemm(2 * t_dp * ap, ap * hw.wbytes, t_dp, ap / 4, hw.flops, bw, cal)
     # attention core: heads split over TP; KV split over TP only for GQA with enough KV heads
     core = w.attn_flops / pp * busiest / tp
     kv_split = min(tp, m.num_kv_heads) if m.attention != "mla" else 1
     kv = w.kv_bytes / pp * busiest / kv_split
-    t_core = max(core / (hw.attn_flops * cal.attn_eff), kv / (bw * cal.bw_eff))
+    a_eff = cal.attn_eff if w.prefill else cal.decode_attn_eff
+    t_core = max(core / (hw.attn_flops * a_eff), kv / (bw * cal.bw_eff))
     # TP allreduce after attention and after the FFN/MoE (ring: 2(n-1)/n of the message)
     ar = 0.0
     if tp > 1:
@@ -216,11 +227,13 @@ def step_time(
         lp = m.linear_attn_params() / tp
         state = w.lin_state_bytes / pp * busiest / tp
         fl = 2 * t_dp * lp + 6 * t_dp * m.lin_v_heads * m.lin_k_dim * m.lin_v_dim / tp
-        total += m.n_linear_attn * _gemm(fl, lp * hw.wbytes + state, t_dp, hw.flops, bw, cal)
+        t_lin = _gemm(fl, lp * hw.wbytes + state, t_dp, lp / 4, hw.flops, bw, cal)
+        total += m.n_linear_attn * t_lin
 
     if m.n_dense_layers:
         fp = m.dense_ffn_params() / tp
-        total += m.n_dense_layers * _gemm(2 * t_dp * fp, fp * hw.wbytes, t_dp, hw.flops, bw, cal)
+        t_ffn = _gemm(2 * t_dp * fp, fp * hw.wbytes, t_dp, fp / 3, hw.flops, bw, cal)
+        total += m.n_dense_layers * t_ffn
 
     if m.n_moe_layers:
         total += m.n_moe_layers * _moe_layer(m, lay, hw, tokens, t_dp, cal)
@@ -228,8 +241,11 @@ def step_time(
     # LM head (vocab split over TP), only for sequences that sample
     rows = seqs * busiest
     vp = m.vocab * h / tp
-    total += _gemm(2 * rows * vp, vp * hw.wbytes, rows, hw.flops, bw, cal)
-    total += m.num_layers * cal.layer_us * 1e-6
+    total += _gemm(2 * rows * vp, vp * hw.wbytes, rows, vp, hw.flops, bw, cal)
+    if w.prefill:
+        total += (m.num_layers * cal.prefill_layer_us + m.n_moe_layers * cal.moe_prefill_us) * 1e-6
+    else:
+        total += m.num_layers * cal.layer_us * 1e-6
     return total + cal.step_ms * 1e-3
 
 
@@ -248,10 +264,11 @@ def _moe_layer(m: ModelSpec, lay: Layout, hw: _HW, tokens: float, t_dp: float, c
     imb = 1.0 + cal.moe_imbalance * math.sqrt(2.0 * math.log(ep) / per_rank) if ep > 1 else 1.0
     flops = 2 * assign * pe / (ep * mtp) * imb
     rows = assign / max(touched * ep, 1.0)  # tokens per expert GEMM
-    t = _gemm(flops, touched * pe / mtp * hw.moe_wbytes, rows, hw.moe_flops, hw.bw, cal)
+    pe_gpu = pe / mtp
+    t = _gemm(flops, touched * pe_gpu * hw.moe_wbytes, rows, pe_gpu / 3, hw.moe_flops, hw.bw, cal)
     sp = m.shared_params() / lay.tp
     if sp:
-        t += _gemm(2 * t_dp * sp, sp * hw.wbytes, t_dp, hw.flops, hw.bw, cal)
+        t += _gemm(2 * t_dp * sp, sp * hw.wbytes, t_dp, sp / 3, hw.flops, hw.bw, cal)
     if lay.attn_dp > 1 or (ep > 1 and lay.tp < g):
         # tokens live on their DP group: dispatch (quantized) and combine (bf16) all-to-all
         tok_gpu = t_dp / lay.tp
@@ -296,6 +313,7 @@ def prefill_work(m: ModelSpec, batch: float, isl: float, lay: Layout) -> StepWor
         attn_flops=batch * isl * per_tok,
         kv_bytes=0.0,
         lin_state_bytes=batch * m.linear_state_bytes() if m.n_linear_attn else 0.0,
+        prefill=True,
     )
 
 
@@ -322,6 +340,7 @@ def combine(a: StepWork, b: StepWork) -> StepWork:
         a.attn_flops + b.attn_flops,
         a.kv_bytes + b.kv_bytes,
         a.lin_state_bytes + b.lin_state_bytes,
+        a.prefill or b.prefill,
     )
 
 

@@ -145,12 +145,16 @@ def size_disagg_pools(
     cal: Calibration = DEFAULT_CAL,
     prefill_batch: int = 1,
 ) -> DisaggDeployment:
-    """A disaggregated deployment for `concurrency` users with pools sized by rate matching:
-    the fewest decode workers that hold the users, and prefill workers for the request rate
-    at `cal.prefill_util` utilization."""
+    """A disaggregated deployment for `concurrency` users with pools sized as deployers do:
+    a decode pool of about `cal.decode_pool_gpus` GPUs (more when the users' KV or the
+    engine's batch limit need it), and prefill workers for the request rate at
+    `cal.prefill_util` utilization (rate matching)."""
     c = max(concurrency, 1)
     dmax = max_decode_batch(model, system, decode_layout, isl, osl, cal)
-    dw = max(1, math.ceil(c / dmax))
+    # a decode pool of about `decode_pool_gpus` GPUs, more if the users need it, never more
+    # workers than users
+    prior = max(1, round(cal.decode_pool_gpus / decode_layout.num_gpus))
+    dw = max(math.ceil(c / dmax), min(prior, c), 1)
     bd = math.ceil(c / dw)
     tpot = step_time(
         model, system, decode_layout, decode_work(model, bd, isl + osl / 2, decode_layout), cal
@@ -210,7 +214,10 @@ def predict_disagg(
     capacity = dep.prefill_workers * pb / t_p
     t_first = t_one + kv_transfer_time(model, system, pl, isl) + tpot
     t_first += (cal.ttft_ms + cal.disagg_ms) * 1e-3
-    ttft = _closed_loop_ttft(c, osl, tpot, t_first, capacity)
+    # requests of a closed-loop benchmark arrive in waves (all users start together and
+    # finish together): a request waits for part of its wave's prompts, as in aggregated mode
+    wave = cal.queue_weight * (c - 1) / 2.0 / capacity
+    ttft = max(_closed_loop_ttft(c, osl, tpot, t_first, capacity), t_first + wave)
     x = c / (ttft + (osl - 1) * tpot)
     gpus = pl.num_gpus * dep.prefill_workers + dl.num_gpus * dep.decode_workers
     return Prediction(

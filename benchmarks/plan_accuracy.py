@@ -1,0 +1,84 @@
+"""Accuracy of the factory model on measured serving data, under cross-validation.
+
+For each split the calibration is refitted from the uncalibrated defaults on the training
+folds and every held-out row is predicted; the script prints TTFT/TPOT MdAPE and p90 APE.
+
+Splits:
+- random 5-fold (rows at random),
+- grouped 5-fold by series (a whole concurrency sweep of one deployment is held out together,
+  so repeated measurements of the same configuration cannot leak),
+- leave-one-model-out (`--lomo`: every row of a model held out; slow, one fit per model).
+
+    .venv/bin/python benchmarks/plan_accuracy.py [--data FILE] [--folds 5] [--lomo] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from importlib import resources
+from pathlib import Path
+
+from tokenfab.factory.calibrate import cross_validate, kfold
+from tokenfab.factory.measured import load_cases
+from tokenfab.factory.serving import AggDeployment
+from tokenfab.factory.validate import predict_cases, summarize
+
+
+def _series(c) -> tuple:
+    d = c.deployment
+    lay = d.layout if isinstance(d, AggDeployment) else (d.prefill_layout, d.decode_layout)
+    return (c.model.name, c.system.key, c.backend, lay, d.isl, d.osl)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = resources.files("tokenfab.factory").joinpath("data/measured_serving.csv")
+    ap.add_argument("--data", type=Path, default=Path(str(default)))
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--sweeps", type=int, default=6)
+    ap.add_argument("--lomo", action="store_true", help="also leave-one-model-out")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    cases, skipped = load_cases(args.data)
+    rows = len(cases) + len(skipped)
+    report: dict[str, dict] = {}
+
+    t = time.perf_counter()
+    report["in_sample (bundled calibration)"] = summarize(predict_cases(cases), rows, len(skipped))
+    splits = {
+        f"random {args.folds}-fold": kfold(cases, args.folds, seed=0),
+        f"grouped {args.folds}-fold by series": kfold(cases, args.folds, seed=0, key=_series),
+    }
+    if args.lomo:
+        models = sorted({c.model.name for c in cases})
+        splits["leave-one-model-out"] = [models.index(c.model.name) for c in cases]
+    for name, folds in splits.items():
+        t0 = time.perf_counter()
+        res = cross_validate(
+            cases,
+            folds,
+            sweeps=args.sweeps,
+            progress=lambda m, n=name: print(f"  {n}: {m}", flush=True),
+        )
+        report[name] = summarize(res, rows, len(skipped))
+        report[name]["seconds"] = round(time.perf_counter() - t0, 1)
+
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(
+        f"\n{args.data.name}: {rows} rows, {len(skipped)} skipped ({time.perf_counter() - t:.0f}s)"
+    )
+    print(f"{'split':40s} {'TTFT MdAPE':>10s} {'p90':>7s} {'TPOT MdAPE':>10s} {'p90':>7s}")
+    for name, s in report.items():
+        print(
+            f"{name:40s} {s['ttft_mdape']:9.1f}% {s['ttft_p90_ape']:6.1f}% "
+            f"{s['tpot_mdape']:9.1f}% {s['tpot_p90_ape']:6.1f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()
