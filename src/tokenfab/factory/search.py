@@ -474,6 +474,8 @@ def run_search(q: PlanQuery, cal: Calibration | None = None) -> SearchResult:
     best = max(ok, key=lambda c: (c.tokens_per_s_per_gpu, c.tokens_per_s_per_user), default=None)
     if best is None:
         notes.append("no deployment meets the TTFT/TPOT limits")
+    elif q.ttft_ms is None and q.tpot_ms is None:
+        notes.append("no --ttft/--tpot limits given: 'best' is the highest-throughput point")
     return SearchResult(
         query=q,
         candidates=cands,
