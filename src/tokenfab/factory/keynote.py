@@ -192,12 +192,14 @@ def _ratio_claim(
         "max_ratio_at_tokens_per_s_per_user": round(float(rows[i_all][0]), 1),
         "hopper_max_tokens_per_s_per_user": round(den.x_max, 1),
     }
+    share = rows[i_all][2] / den.peak
     base = (
         f"{num_label} / {den_label}: {r_peak:.1f}x at {den_label}'s most efficient point "
-        f"({den.x_at_peak:.0f} tok/s/user), up to {r_solid:.1f}x where {den_label} still "
-        f"delivers >=10% of its peak (at {x_solid:.0f} tok/s/user), {ratios[i_all]:.0f}x at "
-        f"{rows[i_all][0]:.0f} tok/s/user near its limit ({den.x_max:.0f} tok/s/user max); "
-        f"beyond that {den_label} cannot serve at all."
+        f"({den.x_at_peak:.0f} tok/s/user); up to {r_solid:.1f}x where {den_label} still "
+        f"delivers >=10% of its peak (at {x_solid:.0f} tok/s/user); at most "
+        f"{ratios[i_all]:.0f}x (at {rows[i_all][0]:.0f} tok/s/user, where {den_label} is down "
+        f"to {share:.0%} of its peak); {den_label} reaches at most {den.x_max:.0f} tok/s/user, "
+        f"{num_label} {num.x_max:.0f}."
     )
     if r_solid >= RATIO_SHARE * claim:
         verdict = "supported"
@@ -335,6 +337,10 @@ def render_text(rep: KeynoteReport) -> str:
         row = "".join(f"{v / 1e6:>7.2f}" if v > 0 else f"{'-':>7}" for v in rep.table[k])
         lines.append(f"  {f.label:<46}{row}")
     lines += ["", "Claims:"]
+    by: dict[str, list[str]] = {}
+    for c in rep.claims:
+        by.setdefault(c.verdict, []).append(c.key)
+    lines.append("  " + "; ".join(f"{v}: {', '.join(ks)}" for v, ks in by.items()) + ".")
     for c in rep.claims:
         lines.append(f"- [{c.verdict.upper()}] {c.text}.")
         lines.append(f"    {c.why}")
