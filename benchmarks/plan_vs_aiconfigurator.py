@@ -71,6 +71,34 @@ class Answer:
     wall_s: float
     cpu_s: float  # user + system CPU of the command: fairer than wall time on a shared machine
     search_s: float | None = None
+    row: dict | None = None  # AIConfigurator's best row, to re-predict it with tokenfab
+
+
+def tokenfab_on_aic_layout(q: Question, row: dict) -> dict | None:
+    """tokenfab's prediction of AIConfigurator's aggregated pick: separates "which layout
+    did the search find" from "how fast does each performance model think it is"."""
+    if "parallel" not in row:
+        return None  # disaggregated pick: not re-predicted here
+    from tokenfab.factory.catalog import get_system
+    from tokenfab.factory.modelspec import load_model_spec
+    from tokenfab.factory.perf import Layout
+    from tokenfab.factory.serving import AggDeployment, predict
+
+    tp, pp, dp = int(row["tp"]), int(row["pp"]), int(row["dp"])
+    lay = Layout(
+        tp=tp, pp=pp, attn_dp=dp, ep=int(row["moe_ep"]), moe_tp=int(row["moe_tp"]),
+        precision=q.precision,
+    )  # fmt: skip
+    dep = AggDeployment(lay, int(row["bs"]) * dp, q.isl, q.osl)
+    p = predict(load_model_spec(q.model), get_system(q.tf_system), dep)
+    replicas = q.gpus // lay.num_gpus
+    return {
+        "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu * lay.num_gpus * replicas / q.gpus,
+        "tokens_per_s_per_user": p.tokens_per_s_per_user,
+        "ttft_ms": p.ttft_ms,
+        "tpot_ms": p.tpot_ms,
+        "fits": p.fits,
+    }
 
 
 def timed_run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
@@ -192,6 +220,7 @@ def run_aiconfigurator(q: Question, exe: Path, work: Path) -> Answer:
         float(row["tpot"]),
         wall,
         cpu,
+        row=row,
     )
 
 
@@ -223,6 +252,15 @@ def main() -> None:
                         f"CPU {a.cpu_s:>6.2f} s{extra}\n"
                         f"  {'':<15} best: {a.mode} {a.layout}"
                     )
+                again = tokenfab_on_aic_layout(q, aic.row or {})
+                if again is not None:
+                    print(
+                        f"  tokenfab's model on aiconfigurator's pick: "
+                        f"{again['tokens_per_s_per_gpu']:.0f} tok/s/GPU, "
+                        f"{again['tokens_per_s_per_user']:.1f} tok/s/user, TTFT "
+                        f"{again['ttft_ms']:.0f} ms, TPOT {again['tpot_ms']:.1f} ms"
+                        f"{'' if again['fits'] else ' (does not fit)'}"
+                    )
                 print(
                     f"  time ratio aiconfigurator / tokenfab: wall {aic.wall_s / tf.wall_s:.1f}x, "
                     f"CPU {aic.cpu_s / tf.cpu_s:.1f}x; "
@@ -230,7 +268,7 @@ def main() -> None:
                     f"{tf.tokens_per_s_per_gpu / aic.tokens_per_s_per_gpu:.2f}"
                 )
     if args.json:
-        print(json.dumps({"answers": [asdict(a) for a in answers]}))
+        print(json.dumps({"answers": [{**asdict(a), "row": None} for a in answers]}))
 
 
 if __name__ == "__main__":
