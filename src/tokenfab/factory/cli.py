@@ -137,18 +137,19 @@ def _run_plan(
     except (KeyError, ValueError, OSError) as e:
         raise PlanError(_one_line(e)) from None
     sysm = get_system(system)
-    prec = checkpoint_precision(model) if precision == "auto" else precision
-    q = PlanQuery(spec, sysm, gpus, isl, osl, ttft, tpot, prec, modes[mode])
-    result = run_search(q)
-    book = load_prices()
-    gpu_hour = price_per_gpu_hour if price_per_gpu_hour is not None else book.gpu_hour(sysm.key)
     for name, v in (
-        ("--price-per-gpu-hour", gpu_hour),
+        ("--price-per-gpu-hour", price_per_gpu_hour),
+        ("--price-per-mtok", price_per_mtok),
         ("--pue", pue),
         ("--usd-per-kwh", usd_per_kwh),
     ):
         if v is not None and v <= 0:
             raise PlanError(f"{name} must be > 0, got {v}")
+    prec = checkpoint_precision(model) if precision == "auto" else precision
+    q = PlanQuery(spec, sysm, gpus, isl, osl, ttft, tpot, prec, modes[mode])
+    result = run_search(q)
+    book = load_prices()
+    gpu_hour = price_per_gpu_hour if price_per_gpu_hour is not None else book.gpu_hour(sysm.key)
     point = result.best or max(result.frontier, key=lambda c: c.tokens_per_s_per_gpu)
     econ = economics(
         point.tokens_per_s_per_gpu,
