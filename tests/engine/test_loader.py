@@ -31,7 +31,7 @@ def test_dtype_auto_and_explicit(tiny_llama: Path) -> None:
     assert auto.config.dtype == torch.float32  # the tiny checkpoint's own dtype
     bf16 = load_model(tiny_llama, dtype="bfloat16")
     assert bf16.config.dtype == torch.bfloat16
-    assert bf16.model.layers[0].qkv.weight.dtype == torch.bfloat16
+    assert bf16.model.embed.weight.dtype == torch.bfloat16
     assert resolve_dtype("auto", torch.bfloat16) == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int8", torch.float32)

@@ -10,9 +10,13 @@ plus its new tokens. The new K/V of every token are written to their slots befor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tokenfab.engine.cpu_kernels import CpuKernels
 
 
 @dataclass
@@ -108,10 +112,12 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    kernels: CpuKernels | None = None,
 ) -> torch.Tensor:
     """Attention of one layer for a whole step.
 
-    q [T, H, hd], k/v [T, kvh, hd] (already rotated); returns [T, H * hd].
+    q [T, H, hd], k/v [T, kvh, hd] (already rotated); returns [T, H * hd]. With `kernels`
+    (CPU), decodes read the paged cache in place instead of gathering a padded copy.
     """
     write_kv(k_cache, v_cache, k, v, meta.slots)
     t, num_heads, hd = q.shape
@@ -119,7 +125,18 @@ def paged_attention(
     group = num_heads // kvh
     out = torch.empty((t, num_heads, hd), dtype=q.dtype, device=q.device)
     nd = meta.num_decode
-    if nd:
+    if nd and kernels is not None:
+        assert meta.decode_block_tables is not None and meta.decode_positions is not None
+        out[:nd] = kernels.decode_attention(
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_positions,
+            scale,
+            window,
+        )
+    elif nd:
         assert meta.decode_block_tables is not None
         # Query heads sharing a KV head become that head's "query rows": no repeat of K/V.
         qd = q[:nd].view(nd, kvh, group, hd)

@@ -1,0 +1,329 @@
+"""Small fused CPU kernels in C, compiled once with the system C compiler and called via ctypes.
+
+Why: on CPU the decode step's paged attention in plain torch must first gather every sequence's
+K/V blocks into a padded copy (hundreds of MB per step at batch 64), and bfloat16 elementwise
+ops (RMSNorm, RoPE, SiLU*up) run far below memory speed. These kernels read the paged cache in
+place (online per-block softmax) and fuse the elementwise chains. They are optional: if no
+compiler is available or the build fails, `load()` returns None and the torch path is used.
+
+The library is built with -march=native into <user cache dir>/tokenfab/kernels/<hash>/, the
+hash covering the source, the compiler flags and the CPU's feature flags, so a copied cache on
+another CPU is never reused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf2f(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t f2bf(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);  /* round to nearest even (inputs are finite) */
+    return (uint16_t)(u >> 16);
+}
+
+/* Decode attention over a paged cache, one query token per sequence.
+   q:   [B, H, D] at q + b*q_stride + h*D (bf16 or f32, per is_bf16)
+   kc,vc: [num_blocks, BS, KVH, D]
+   bt:  [B, MAXB] int64 block ids; pos: [B] int64 (the query's position; keys 0..pos)
+   out: [B, H, D] contiguous, same dtype as q. window <= 0: none. */
+#define MAXG 32
+#define MAXD 256
+void paged_decode_attention(const void *q, int64_t q_stride, const void *kc, const void *vc,
+                            const int64_t *bt, const int64_t *pos, void *out,
+                            int B, int H, int KVH, int D, int BS, int MAXB,
+                            int window, float scale, int is_bf16) {
+    const int G = H / KVH;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int item = 0; item < B * KVH; item++) {
+        const int b = item / KVH, kh = item % KVH;
+        float qf[MAXG][MAXD], acc[MAXG][MAXD], m[MAXG], l[MAXG], kf[MAXD], s[MAXG][64];
+        for (int g = 0; g < G; g++) {
+            const int64_t off = (int64_t)b * q_stride + (int64_t)(kh * G + g) * D;
+            for (int d = 0; d < D; d++)
+                qf[g][d] = (is_bf16 ? bf2f(((const uint16_t *)q)[off + d])
+                                    : ((const float *)q)[off + d]) * scale;
+            for (int d = 0; d < D; d++) acc[g][d] = 0.f;
+            m[g] = -INFINITY; l[g] = 0.f;
+        }
+        const int64_t p = pos[b];
+        const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        for (int64_t t0 = (first / BS) * BS; t0 <= p; t0 += BS) {
+            const int64_t blk = bt[(int64_t)b * MAXB + t0 / BS];
+            const int64_t lo = t0 < first ? first : t0;
+            const int64_t hi = t0 + BS - 1 < p ? t0 + BS - 1 : p;
+            const int n = (int)(hi - lo + 1);
+            /* scores of this block's keys */
+            for (int i = 0; i < n; i++) {
+                const int64_t off = ((blk * BS + (lo - t0 + i)) * KVH + kh) * D;
+                if (is_bf16) { for (int d = 0; d < D; d++) kf[d] = bf2f(((const uint16_t *)kc)[off + d]); }
+                else { for (int d = 0; d < D; d++) kf[d] = ((const float *)kc)[off + d]; }
+                for (int g = 0; g < G; g++) {
+                    float dot = 0.f;
+                    for (int d = 0; d < D; d++) dot += qf[g][d] * kf[d];
+                    s[g][i] = dot;
+                }
+            }
+            /* online softmax update */
+            for (int g = 0; g < G; g++) {
+                float mx = m[g];
+                for (int i = 0; i < n; i++) mx = s[g][i] > mx ? s[g][i] : mx;
+                const float corr = expf(m[g] - mx);
+                l[g] *= corr;
+                for (int d = 0; d < D; d++) acc[g][d] *= corr;
+                for (int i = 0; i < n; i++) { s[g][i] = expf(s[g][i] - mx); l[g] += s[g][i]; }
+                m[g] = mx;
+            }
+            for (int i = 0; i < n; i++) {
+                const int64_t off = ((blk * BS + (lo - t0 + i)) * KVH + kh) * D;
+                if (is_bf16) { for (int d = 0; d < D; d++) kf[d] = bf2f(((const uint16_t *)vc)[off + d]); }
+                else { for (int d = 0; d < D; d++) kf[d] = ((const float *)vc)[off + d]; }
+                for (int g = 0; g < G; g++) {
+                    const float w = s[g][i];
+                    for (int d = 0; d < D; d++) acc[g][d] += w * kf[d];
+                }
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const float inv = 1.f / l[g];
+            const int64_t off = ((int64_t)b * H + kh * G + g) * D;
+            if (is_bf16) { for (int d = 0; d < D; d++) ((uint16_t *)out)[off + d] = f2bf(acc[g][d] * inv); }
+            else { for (int d = 0; d < D; d++) ((float *)out)[off + d] = acc[g][d] * inv; }
+        }
+    }
+}
+
+/* x[T, N] (bf16, row stride xs) += delta[T, N] (bf16, row stride ds) if delta, then
+   out[T, N] = w * bf16(x * rsqrt(mean(x^2) + eps)), rounding like transformers' RMSNorm. */
+void add_rms_norm_bf16(uint16_t *x, int64_t xs, const uint16_t *delta, int64_t ds,
+                       const uint16_t *w, uint16_t *out, int T, int N, float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        uint16_t *xr = x + (int64_t)t * xs;
+        float buf[8192];
+        float ss = 0.f;
+        if (delta) {
+            const uint16_t *dr = delta + (int64_t)t * ds;
+            for (int i = 0; i < N; i++) {
+                const uint16_t r = f2bf(bf2f(xr[i]) + bf2f(dr[i]));
+                xr[i] = r; buf[i] = bf2f(r);
+            }
+        } else {
+            for (int i = 0; i < N; i++) buf[i] = bf2f(xr[i]);
+        }
+        for (int i = 0; i < N; i++) ss += buf[i] * buf[i];
+        const float r = 1.f / sqrtf(ss / N + eps);
+        uint16_t *o = out + (int64_t)t * N;
+        for (int i = 0; i < N; i++) o[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(buf[i] * r)));
+    }
+}
+
+/* out[T, I] = silu(gu[T, :I]) * gu[T, I:] (bf16). */
+void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int T, int I) {
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const uint16_t *g = gu + (int64_t)t * 2 * I, *u = g + I;
+        uint16_t *o = out + (int64_t)t * I;
+        for (int i = 0; i < I; i++) {
+            const float a = bf2f(g[i]);
+            o[i] = f2bf(a / (1.f + expf(-a)) * bf2f(u[i]));
+        }
+    }
+}
+
+/* In-place rotate-half RoPE on heads [T, nh, D] (bf16) at x + t*xs + h*D, with float tables
+   cos/sin [maxpos, D] looked up by positions. */
+void rope_bf16(uint16_t *x, int64_t xs, int nh, int D, const int64_t *positions,
+               const float *cos_t, const float *sin_t, int T) {
+    const int half = D / 2;
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float *c = cos_t + positions[t] * D, *s = sin_t + positions[t] * D;
+        for (int h = 0; h < nh; h++) {
+            uint16_t *v = x + (int64_t)t * xs + (int64_t)h * D;
+            float a[MAXD];
+            for (int i = 0; i < D; i++) a[i] = bf2f(v[i]);
+            for (int i = 0; i < half; i++) {
+                v[i] = f2bf(a[i] * c[i] - a[i + half] * s[i]);
+                v[i + half] = f2bf(a[i + half] * c[i + half] + a[i] * s[i + half]);
+            }
+        }
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_lock = threading.Lock()
+_cached: dict[str, Any] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "kernels.c"
+        src.write_text(_SOURCE)
+        lib = Path(tmp) / "kernels.so"
+        subprocess.run(
+            [cc, *_FLAGS, str(src), "-o", str(lib), "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        os.replace(lib, out)  # atomic: concurrent builders never see a partial file
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.paged_decode_attention.argtypes = [p, i64, p, p, p, p, p] + [i32] * 7 + [f32, i32]
+    lib.add_rms_norm_bf16.argtypes = [p, i64, p, i64, p, p, i32, i32, f32]
+    lib.silu_mul_bf16.argtypes = [p, p, i32, i32]
+    lib.rope_bf16.argtypes = [p, i64, i32, i32, p, p, p, i32]
+    for f in ("paged_decode_attention", "add_rms_norm_bf16", "silu_mul_bf16", "rope_bf16"):
+        getattr(lib, f).restype = None
+    return lib
+
+
+def load() -> CpuKernels | None:
+    """The compiled kernels, or None where they cannot be built (or TOKENFAB_NO_KERNELS=1)."""
+    if os.environ.get("TOKENFAB_NO_KERNELS") == "1":
+        return None
+    with _lock:
+        if "k" in _cached:
+            return _cached["k"]
+        from platformdirs import user_cache_dir
+
+        key = hashlib.sha256(
+            (_SOURCE + " ".join(_FLAGS) + _cpu_flags() + platform.machine()).encode()
+        ).hexdigest()[:16]
+        base = os.environ.get("TOKENFAB_CACHE_DIR") or user_cache_dir("tokenfab")
+        path = Path(base) / "kernels" / key / "kernels.so"
+        kernels: CpuKernels | None
+        try:
+            if not path.is_file():
+                _build(path)
+            kernels = CpuKernels(_bind(ctypes.CDLL(str(path))))
+        except (OSError, RuntimeError, subprocess.SubprocessError):
+            kernels = None
+        _cached["k"] = kernels
+        return kernels
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+class CpuKernels:
+    """Typed wrappers that check layouts before handing raw pointers to C."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        positions: torch.Tensor,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """q [B, H, D] (rows may be strided, heads contiguous) -> out [B, H, D]."""
+        b, h, d = q.shape
+        nb, bs, kvh, d2 = k_cache.shape
+        assert d == d2 and q.stride(2) == 1 and q.stride(1) == d and k_cache.is_contiguous()
+        assert v_cache.is_contiguous() and q.dtype == k_cache.dtype == v_cache.dtype
+        assert h % kvh == 0 and h // kvh <= 32 and d <= 256 and bs <= 64
+        assert block_tables.dtype == positions.dtype == torch.int64
+        assert block_tables.is_contiguous() and positions.is_contiguous()
+        out = torch.empty((b, h, d), dtype=q.dtype)
+        self.lib.paged_decode_attention(
+            _ptr(q),
+            q.stride(0),
+            _ptr(k_cache),
+            _ptr(v_cache),
+            _ptr(block_tables),
+            _ptr(positions),
+            _ptr(out),
+            b,
+            h,
+            kvh,
+            d,
+            bs,
+            block_tables.shape[1],
+            window or 0,
+            scale,
+            1 if q.dtype == torch.bfloat16 else 0,
+        )
+        return out
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """x += delta (in place, bf16), then return RMSNorm(x) * weight."""
+        t, n = x.shape
+        assert x.dtype == weight.dtype == torch.bfloat16 and x.stride(1) == 1 and n <= 8192
+        if delta is not None:
+            assert delta.dtype == torch.bfloat16 and delta.stride(1) == 1 and delta.shape == x.shape
+        out = torch.empty((t, n), dtype=x.dtype)
+        self.lib.add_rms_norm_bf16(
+            _ptr(x),
+            x.stride(0),
+            None if delta is None else _ptr(delta),
+            0 if delta is None else delta.stride(0),
+            _ptr(weight),
+            _ptr(out),
+            t,
+            n,
+            eps,
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        t, two_i = gate_up.shape
+        assert gate_up.dtype == torch.bfloat16 and gate_up.is_contiguous()
+        out = torch.empty((t, two_i // 2), dtype=gate_up.dtype)
+        self.lib.silu_mul_bf16(_ptr(gate_up), _ptr(out), t, two_i // 2)
+        return out
+
+    def rope(
+        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> None:
+        """In place on x [T, nh, D] (bf16, heads contiguous, rows may be strided)."""
+        t, nh, d = x.shape
+        assert x.dtype == torch.bfloat16 and x.stride(2) == 1 and x.stride(1) == d and d <= 256
+        assert cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and d == cos.shape[1]
+        assert positions.dtype == torch.int64 and positions.is_contiguous()
+        self.lib.rope_bf16(_ptr(x), x.stride(0), nh, d, _ptr(positions), _ptr(cos), _ptr(sin), t)
