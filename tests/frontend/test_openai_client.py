@@ -22,6 +22,9 @@ def client(server) -> openai.OpenAI:
 
 def test_models_lists_the_served_model(client: openai.OpenAI, server) -> None:
     assert [m.id for m in client.models.list().data] == [server.model]
+    assert client.models.retrieve(server.model).id == server.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_chat_non_streaming(client: openai.OpenAI, server) -> None:

@@ -55,9 +55,9 @@ async def test_watch_sees_snapshot_then_changes() -> None:
 
 
 async def test_keepalive_task_keeps_instance_registered() -> None:
-    rt = Runtime.local(sweep_interval=0.02)
-    reg = await rt.register("worker", "w-a", lease_ttl=0.15)
-    await asyncio.sleep(0.5)  # several ttls: only the keepalive task keeps it alive
+    rt = Runtime.local(sweep_interval=0.05)
+    reg = await rt.register("worker", "w-a", lease_ttl=0.6)
+    await asyncio.sleep(1.5)  # 2.5 ttls: only the keepalive task (every ttl/3) keeps it alive
     assert [i.instance_id for i in await rt.instances("worker")] == ["w-a"]
     await reg.close()
     assert await rt.instances("worker") == []

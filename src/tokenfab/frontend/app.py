@@ -164,20 +164,23 @@ def build_app(state: FrontendState) -> FastAPI:
             {"status": "ok" if n else "no_workers", "workers": n}, 200 if n else 503
         )
 
+    def model_card() -> dict:
+        return {
+            "id": state.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "tokenfab",
+            "max_model_len": state.max_model_len,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "tokenfab",
-                    "max_model_len": state.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        check_model(model_id, state.model_name)
+        return model_card()
 
     @app.get("/metrics")
     async def prometheus() -> Response:

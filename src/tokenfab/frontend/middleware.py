@@ -29,6 +29,8 @@ class AccessMiddleware:
             return
         path = scope.get("path", "")
         endpoint = path if path in KNOWN_PATHS else "other"
+        if path.startswith("/v1/models/"):
+            endpoint = "/v1/models/{model}"
         status = {"code": 500}
 
         async def send_counting(message: dict) -> None:
