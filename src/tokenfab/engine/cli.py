@@ -88,6 +88,44 @@ def info(
 
 def generate(
     prompt: str = typer.Argument(..., help="The user message to answer."),
+    model: str = typer.Option(
+        None, "--model", "-m", help="HF folder or .gguf file; default: SmolLM2-135M-Instruct."
+    ),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed (with --temperature > 0)."),
+    system: str = typer.Option(None, "--system", help="An optional system message."),
+    raw: bool = typer.Option(False, "--raw", help="Complete the text as is, no chat template."),
+    dtype: str = typer.Option("auto", help="auto, float32 or bfloat16."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
 ) -> None:
-    """Answer one prompt with the default (or given) model."""
-    raise typer.Exit(1)
+    """Answer one prompt with the default (or given) model, streaming the text as it comes.
+
+    The prompt goes through the model's chat template (as a user message) unless --raw.
+    """
+    import json
+    import sys
+    import time
+
+    from tokenfab.engine.cli_generate import run_generate
+
+    try:
+        result = run_generate(
+            prompt,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            system=system,
+            raw=raw,
+            dtype=dtype,
+            stream=None if json_out else sys.stdout,
+            clock=time.perf_counter,
+        )
+    except (ValueError, FileNotFoundError) as e:  # InvalidRequestError is a ValueError
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo("")
