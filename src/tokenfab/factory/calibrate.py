@@ -3,8 +3,9 @@
 The model has a handful of physically meaningful parameters (`perf.Calibration`): achieved
 fractions of peak FLOPs and bandwidth, fixed per-layer/per-step/per-request costs, and two
 serving-level ones. A few of them (the fixed software costs) differ by backend; the rest are
-shared. They are fitted by a pattern search in log space minimizing a robust loss of the log
-errors of TTFT and TPOT (the median error is what we report), nothing per row or per model. The result ships in `data/calibration.json`; `bundled_calibration()` loads it.
+shared. They are fitted by robust Levenberg-Marquardt in log space minimizing a Cauchy loss of
+the log errors of TTFT and TPOT (the median error is what we report), nothing per row or per
+model. The result ships in `data/calibration.json`; `bundled_calibration()` loads it.
 
     python -m tokenfab.factory.calibrate            # refit and write data/calibration.json
 """
@@ -27,13 +28,12 @@ from tokenfab.factory.serving import predict
 
 # (name, low, high): searched in log space inside the bounds
 COMMON_PARAMS: tuple[tuple[str, float, float], ...] = (
-    ("flops_eff", 0.2, 0.95),
     ("flops_half_m", 4.0, 2048.0),
     ("flops_half_elems", 1e4, 1e9),
-    ("bw_eff", 0.3, 0.95),
     ("attn_eff", 0.05, 0.9),
     ("decode_attn_eff", 0.02, 0.9),
     ("moe_prefill_us", 1.0, 5000.0),
+    ("expert_us", 0.01, 50.0),
     ("link_eff", 0.1, 0.95),
     ("scaleout_lat_us", 1.0, 500.0),
     ("fp4_flops_scale", 0.2, 1.0),
@@ -43,8 +43,11 @@ COMMON_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("max_decode_batch", 16.0, 4096.0),
     ("decode_pool_gpus", 1.0, 512.0),
 )
-# fixed software costs and scheduling policy differ by engine
+# each engine brings its own kernels (GEMM/MoE/attention libraries), fixed software costs and
+# scheduling policy
 BACKEND_PARAMS: tuple[tuple[str, float, float], ...] = (
+    ("bw_eff", 0.3, 0.95),
+    ("flops_eff", 0.2, 0.95),
     ("coll_lat_us", 1.0, 200.0),
     ("layer_us", 0.5, 200.0),
     ("prefill_layer_us", 1.0, 3000.0),
@@ -89,11 +92,14 @@ def _mean_backend(per: dict[str, dict[str, float]]) -> dict[str, float]:
 # ---- fitting ------------------------------------------------------------------------------
 
 
-def _robust(e: np.ndarray, scale: float = 0.25) -> float:
-    """Mean Cauchy-like loss of log errors: linear in |e| near 0, growing only
-    logarithmically past `scale`, so unexplainable outliers (runs whose TTFT held minutes of
-    queueing) don't pull the parameters away from the bulk of the rows."""
-    return float(np.mean(scale * np.log1p(np.abs(e) / scale)))
+LOSS_SCALE = 0.15  # log error (~15%) past which a row counts as an outlier
+
+
+def _robust(e: np.ndarray, scale: float = LOSS_SCALE) -> float:
+    """Mean Cauchy loss of log errors: quadratic near 0, growing only logarithmically past
+    `scale`, so unexplainable outliers (runs whose TTFT held minutes of queueing) don't pull
+    the parameters away from the bulk of the rows."""
+    return float(np.mean(np.log1p((e / scale) ** 2))) if len(e) else 0.0
 
 
 class _Objective:
@@ -134,6 +140,14 @@ class _Objective:
     def __call__(self, x: np.ndarray) -> float:
         te, pe = self.errors(x)
         return _robust(te) + _robust(pe)
+
+    def residuals(self, x: np.ndarray, w: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """IRLS residuals: log errors weighted by fixed robust weights `w`, TTFT and TPOT
+        each normalized to count equally."""
+        te, pe = self.errors(x)
+        return np.concatenate(
+            [te * np.sqrt(w[0] / max(len(te), 1)), pe * np.sqrt(w[1] / max(len(pe), 1))]
+        )
 
     def start(self, base: Calibration = DEFAULT_CAL) -> np.ndarray:
         return np.array([float(getattr(base, n)) for n, _ in self.names])
@@ -181,9 +195,56 @@ def pattern_search(
     return np.exp(y), best
 
 
+def levenberg_marquardt(
+    obj: _Objective,
+    x0: np.ndarray,
+    bounds: Sequence[tuple[float, float]],
+    iters: int = 12,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[np.ndarray, float]:
+    """Robust (IRLS, Cauchy weights) Levenberg-Marquardt on log(parameters) inside bounds,
+    with a forward-difference Jacobian; a weak pull toward the start keeps parameters that
+    the data cannot see where physics put them."""
+    lo = np.log([b[0] for b in bounds])
+    hi = np.log([b[1] for b in bounds])
+    y0 = np.clip(np.log(x0), lo, hi)
+    y, lam, h, prior = y0.copy(), 1e-2, 0.02, 0.03
+    best = obj(np.exp(y))
+    for it in range(iters):
+        te, pe = obj.errors(np.exp(y))
+        w = (1.0 / (1.0 + (te / LOSS_SCALE) ** 2), 1.0 / (1.0 + (pe / LOSS_SCALE) ** 2))
+
+        def res(yy: np.ndarray, w=w) -> np.ndarray:
+            return np.concatenate([obj.residuals(np.exp(yy), w), prior * (yy - y0)])
+
+        r = res(y)
+        jac = np.empty((len(r), len(y)))
+        for j in range(len(y)):
+            step = h if y[j] + h <= hi[j] else -h
+            yj = y.copy()
+            yj[j] += step
+            jac[:, j] = (res(yj) - r) / step
+        jtj, jtr = jac.T @ jac, jac.T @ r
+        improved = False
+        for _ in range(4):
+            a = jtj + lam * np.diag(np.diag(jtj) + 1e-9)
+            dy = np.linalg.solve(a, -jtr)
+            cand = np.clip(y + dy, lo, hi)
+            val = obj(np.exp(cand))
+            if val < best - 1e-7:
+                y, best, lam, improved = cand, val, max(lam / 3.0, 1e-6), True
+                break
+            lam *= 5.0
+        if progress:
+            progress(it, best)
+        if not improved and lam > 1e4:
+            break
+    return np.exp(y), best
+
+
 def fit(
     cases: Sequence[Case],
-    sweeps: int = 6,
+    sweeps: int = 12,
     start: dict | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict:
@@ -195,7 +256,7 @@ def fit(
             src = start.get("common", {}) if b is None else start.get("backends", {}).get(b, {})
             if n in src:
                 x0[i] = src[n]
-    x, _ = pattern_search(obj, x0, obj.bounds, sweeps=sweeps, progress=progress)
+    x, _ = levenberg_marquardt(obj, x0, obj.bounds, iters=sweeps, progress=progress)
     common = {n: round(float(v), 6) for (n, b), v in zip(obj.names, x, strict=True) if b is None}
     per: dict[str, dict[str, float]] = {}
     for (n, b), v in zip(obj.names, x, strict=True):
@@ -241,7 +302,7 @@ def kfold(cases: Sequence[Case], k: int, seed: int = 0, key=None) -> list[int]:
 def cross_validate(
     cases: Sequence[Case],
     folds: Sequence[int],
-    sweeps: int = 6,
+    sweeps: int = 12,
     progress: Callable[[str], None] | None = None,
 ):
     """Fit on all folds but one, predict the held-out one, for every fold. Each fit starts
@@ -273,7 +334,7 @@ def main() -> None:
     result = fit(
         cases,
         start=_bundled_raw() or None,
-        progress=lambda i, v: print(f"sweep {i}: loss {v:.4f} ({time.perf_counter() - t0:.0f}s)"),
+        progress=lambda i, v: print(f"iter {i}: loss {v:.4f} ({time.perf_counter() - t0:.0f}s)"),
     )
     result["fitted_on"] = f"measured_serving.csv ({len(cases)} rows)"
     out = Path(str(resources.files("tokenfab.factory").joinpath("data/calibration.json")))

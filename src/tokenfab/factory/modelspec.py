@@ -15,6 +15,21 @@ from importlib import resources
 from pathlib import Path
 
 
+def _cached(fn):
+    """Memoize a no-argument method of a frozen ModelSpec in its instance dict (the perf
+    model asks for the same counts millions of times during a search or a fit)."""
+    key = "_c_" + fn.__name__
+
+    def get(self):
+        d = self.__dict__
+        if key not in d:
+            d[key] = fn(self)
+        return d[key]
+
+    get.__name__, get.__doc__ = fn.__name__, fn.__doc__
+    return get
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -154,6 +169,7 @@ class ModelSpec:
     def n_softmax_attn(self) -> int:
         return self.n_full_attn + self.n_sliding_attn
 
+    @_cached
     def attn_params(self) -> int:
         """Weights of one softmax-attention layer (q, k, v, o projections)."""
         h = self.hidden
@@ -176,6 +192,7 @@ class ModelSpec:
         kv = 2 * h * self.num_kv_heads * self.head_dim
         return q + kv + self.num_heads * self.head_dim * h
 
+    @_cached
     def linear_attn_params(self) -> int:
         """Weights of one gated delta-net layer (Qwen3.5)."""
         h = self.hidden
@@ -183,30 +200,37 @@ class ModelSpec:
         v = self.lin_v_heads * self.lin_v_dim
         return h * (2 * k + 2 * v) + h * 2 * self.lin_v_heads + v * h
 
+    @_cached
     def dense_ffn_params(self) -> int:
         return 3 * self.hidden * self.ffn_dim
 
+    @_cached
     def expert_params(self) -> int:
         return 3 * self.hidden * self.moe_ffn_dim
 
+    @_cached
     def shared_params(self) -> int:
         return 3 * self.hidden * self.shared_ffn_dim + self.hidden * self.num_experts
 
+    @_cached
     def embed_params(self) -> int:
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
 
+    @_cached
     def attn_total(self) -> int:
         return self.n_softmax_attn * self.attn_params() + self.n_linear_attn * (
             self.linear_attn_params()
         )
 
     @property
+    @_cached
     def params_total(self) -> int:
         moe = self.n_moe_layers * (self.num_experts * self.expert_params() + self.shared_params())
         dense = self.n_dense_layers * self.dense_ffn_params()
         return self.attn_total() + moe + dense + self.embed_params()
 
     @property
+    @_cached
     def params_active(self) -> int:
         """Parameters touched per token (routed top-k experts only)."""
         moe = self.n_moe_layers * (self.top_k * self.expert_params() + self.shared_params())
@@ -225,6 +249,7 @@ class ModelSpec:
         return self.n_moe_layers > 0
 
     # ---- KV cache ------------------------------------------------------------------------
+    @_cached
     def kv_elems_per_token_layer(self) -> int:
         """KV-cache elements one token stores in one softmax-attention layer."""
         if self.attention == "mla":
@@ -248,6 +273,7 @@ class ModelSpec:
         lin = self.n_linear_attn * self.linear_state_bytes() / ctx
         return full + sw + lin
 
+    @_cached
     def linear_state_bytes(self) -> float:
         """Recurrent state of one gated delta-net layer per sequence (fp32 state)."""
         return self.lin_v_heads * self.lin_k_dim * self.lin_v_dim * 4.0

@@ -77,30 +77,35 @@ class Layout:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Achieved fractions of peak and fixed costs: few, physically meaningful parameters."""
+    """Achieved fractions of peak and fixed costs: few, physically meaningful parameters.
+
+    The defaults are round-number engineering guesses (kernel launch ~3 us x ~10 kernels per
+    layer, 70-75% of peak on big GEMMs and HBM, ...); fitted values ship in
+    data/calibration.json and cross-validation refits from these defaults."""
 
     flops_eff: float = 0.7  # large-GEMM fraction of dense peak
     flops_half_m: float = 64.0  # GEMM rows (tokens) at which half of flops_eff is reached
     flops_half_elems: float = 1e6  # weight-matrix elements per GPU at which half is reached
     bw_eff: float = 0.75  # fraction of HBM bandwidth streaming weights / KV
-    attn_eff: float = 0.45  # fraction of bf16 peak in prefill attention kernels
+    attn_eff: float = 0.3  # fraction of bf16 peak in prefill attention kernels
     decode_attn_eff: float = 0.3  # fraction of bf16 peak in decode attention kernels
     link_eff: float = 0.7  # fraction of link bandwidth reached by collectives
     coll_lat_us: float = 10.0  # latency of one collective inside the scale-up domain
     scaleout_lat_us: float = 30.0  # latency of one collective crossing the scale-out network
-    layer_us: float = 8.0  # fixed kernel overheads per layer of a decode step (CUDA graphs)
-    prefill_layer_us: float = 300.0  # per layer of a step carrying prefill (eager launches)
-    moe_prefill_us: float = 500.0  # extra per MoE layer in such a step (routing syncs, permutes)
-    step_ms: float = 1.5  # fixed per-step overhead (scheduler, sampling, launch)
+    layer_us: float = 30.0  # fixed kernel overheads per layer of a decode step (CUDA graphs)
+    prefill_layer_us: float = 200.0  # per layer of a step carrying prefill (eager launches)
+    moe_prefill_us: float = 200.0  # extra per MoE layer in such a step (routing syncs, permutes)
+    step_ms: float = 0.5  # fixed per-step overhead (scheduler, sampling, launch)
     fp4_flops_scale: float = 0.6  # achieved fp4 rate relative to the fp8 kernels' fraction
+    expert_us: float = 0.5  # fixed cost per touched expert per MoE layer on a GPU
     moe_imbalance: float = 1.0  # busiest GPU's expert load over the mean at large batch
     # serving-level
-    ttft_ms: float = 20.0  # fixed request overhead before the first token (HTTP, tokenize)
+    ttft_ms: float = 50.0  # fixed request overhead before the first token (HTTP, tokenize)
     disagg_ms: float = 100.0  # prefill -> decode handoff (KV transfer setup, scheduling)
-    prefill_chunk: float = 8192.0  # prefill tokens per step in aggregated serving
-    queue_weight: float = 0.5  # share of a closed-loop wave's prefill queue seen in TTFT
-    prefill_util: float = 0.8  # utilization a deployer sizes the prefill pool for
-    max_decode_batch: float = 256.0  # largest decode batch per attention-DP rank
+    prefill_chunk: float = 4096.0  # prefill tokens per step in aggregated serving
+    queue_weight: float = 0.25  # share of a closed-loop wave's prefill queue seen in TTFT
+    prefill_util: float = 0.9  # utilization a deployer sizes the prefill pool for
+    max_decode_batch: float = 512.0  # largest decode batch per attention-DP rank
     decode_pool_gpus: float = 32.0  # typical decode pool when a file gives no pool sizes
 
 
@@ -109,8 +114,10 @@ DEFAULT_CAL = Calibration()
 
 def _mm_precision(system: System, prec: str) -> tuple[float, float]:
     """(peak FLOP/s, bytes per weight) of GEMMs with weights in `prec`."""
-    if prec == "int4":
-        return system.peak_tflops("bf16") * 1e12, BYTES["int4"]
+    if prec == "int4" or (prec == "fp4" and not system.native("fp4")):
+        # weight-only 4-bit (int4, or fp4 on GPUs without fp4 tensor cores): dequantized
+        # into bf16 math, 4-bit weight traffic
+        return system.peak_tflops("bf16") * 1e12, BYTES[prec]
     return system.peak_tflops(prec) * 1e12, BYTES[prec]
 
 
@@ -266,6 +273,9 @@ def _moe_layer(m: ModelSpec, lay: Layout, hw: _HW, tokens: float, t_dp: float, c
     rows = assign / max(touched * ep, 1.0)  # tokens per expert GEMM
     pe_gpu = pe / mtp
     t = _gemm(flops, touched * pe_gpu * hw.moe_wbytes, rows, pe_gpu / 3, hw.moe_flops, hw.bw, cal)
+    # every expert a GPU runs is its own small GEMM problem (grouped-GEMM scheduling, tile
+    # tails): a fixed cost per touched local expert, which is why EP beats TP at small batch
+    t += touched * cal.expert_us * 1e-6
     sp = m.shared_params() / lay.tp
     if sp:
         t += _gemm(2 * t_dp * sp, sp * hw.wbytes, t_dp, sp / 3, hw.flops, hw.bw, cal)

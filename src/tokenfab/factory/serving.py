@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from tokenfab.factory.catalog import System
 from tokenfab.factory.modelspec import ModelSpec
@@ -70,6 +71,13 @@ class Prediction:
 
 
 def _fit_reason(m: ModelSpec, system: System, lay: Layout, seqs: int, seq_len: int) -> str | None:
+    return _fit_reason_cached(m, system.key, system, lay, seqs, seq_len)
+
+
+@lru_cache(maxsize=65536)
+def _fit_reason_cached(
+    m: ModelSpec, _key: str, system: System, lay: Layout, seqs: int, seq_len: int
+) -> str | None:
     bad = lay.check()
     if bad:
         return bad
