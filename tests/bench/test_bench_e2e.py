@@ -81,3 +81,15 @@ def test_unreachable_server_is_a_one_line_error() -> None:
     code, _, err = _bench("--url", f"http://127.0.0.1:{port}", "-n", "1", "--quiet")
     assert code == 2
     assert "cannot reach the server" in err and len(err.strip().splitlines()) == 1
+
+
+def test_poisson_rate_run_stops_sending_at_the_duration(server_url: str) -> None:
+    code, out, err = _bench(
+        "--url", server_url, "--rate", "20", "--duration", "1.0", "--input-len", "8",
+        "--output-len", "2", "--json", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["config"]["mode"] == "rate"
+    assert 1 <= doc["summary"]["requests"] <= 60  # ~20 expected; bounded by the duration
+    assert doc["summary"]["failed"] == 0

@@ -12,6 +12,7 @@ Definitions (all latencies in the summary are milliseconds):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -118,7 +119,8 @@ def summarize(
     errors: dict[str, int] = {}
     for r in results:
         if not r.ok:
-            key = (r.error or "unknown error")[:120]
+            # Group messages that differ only in their numbers (e.g. context-length errors).
+            key = re.sub(r"\d+", "N", r.error or "unknown error")[:160]
             errors[key] = errors.get(key, 0) + 1
     rate = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: 0.0)
     return Summary(
