@@ -372,11 +372,14 @@ def _print_plan(result, econ: dict, top: int) -> None:
 def validate(
     data: Path = typer.Option(..., "--data", help="CSV in the format of measured_serving.csv."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (stable keys)."),
+    cv: int = typer.Option(
+        0, "--cv", help="K-fold cross-validation: refit on K-1 folds of FILE, predict the rest."
+    ),
 ) -> None:
     """Predict TTFT and TPOT for every row of a measured-serving CSV and report the errors."""
     from tokenfab.factory.validate import run_validate
 
-    run_validate(data, as_json=as_json)
+    run_validate(data, as_json=as_json, cv=cv)
 
 
 @app.command("keynote")

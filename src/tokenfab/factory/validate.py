@@ -77,9 +77,18 @@ def summarize(results: Sequence[RowResult], rows: int, skipped: int) -> dict:
     }
 
 
-def validate_file(path: Path) -> tuple[dict, list[RowResult], list[tuple[str, str]]]:
+def validate_file(
+    path: Path, cv: int = 0, progress: Callable[[str], None] | None = None
+) -> tuple[dict, list[RowResult], list[tuple[str, str]]]:
+    """Predict every row with the bundled calibration, or (cv = K > 1) each row with a
+    calibration refitted on the other K-1 random folds of the same file."""
     cases, skipped = load_cases(path)
-    results = predict_cases(cases)
+    if cv > 1:
+        from tokenfab.factory.calibrate import cross_validate, kfold
+
+        results = cross_validate(cases, kfold(cases, cv, seed=0), progress=progress)
+    else:
+        results = predict_cases(cases)
     return summarize(results, len(cases) + len(skipped), len(skipped)), results, skipped
 
 
@@ -87,16 +96,22 @@ def _fmt(x: float | None, nd: int = 1) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
-def run_validate(path: Path, as_json: bool = False) -> None:
-    """CLI body: per-row table and summary, or one JSON object with `as_json`."""
+def run_validate(path: Path, as_json: bool = False, cv: int = 0) -> None:
+    """CLI body: per-row table and summary, or one JSON object with `as_json`. With `cv`
+    (K-fold cross-validation, minutes of fitting) progress goes to stderr."""
     import typer
 
     path = Path(path)
     if not path.is_file():
         typer.echo(f"error: no such file: {path}", err=True)
         raise typer.Exit(2)
+    if cv == 1 or cv < 0:
+        typer.echo("error: --cv needs K >= 2 folds", err=True)
+        raise typer.Exit(2)
     try:
-        summary, results, skipped = validate_file(path)
+        summary, results, skipped = validate_file(
+            path, cv=cv, progress=lambda m: typer.echo(f"cv {m}", err=True)
+        )
     except (KeyError, ValueError, UnicodeDecodeError) as e:  # not a CSV of this format
         typer.echo(f"error: cannot read {path}: {e}", err=True)
         raise typer.Exit(2) from e
