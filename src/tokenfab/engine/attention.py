@@ -119,7 +119,10 @@ def paged_attention(
     q [T, H, hd], k/v [T, kvh, hd] (already rotated); returns [T, H * hd]. With `kernels`
     (CPU), decodes read the paged cache in place instead of gathering a padded copy.
     """
-    write_kv(k_cache, v_cache, k, v, meta.slots)
+    if kernels is not None:
+        kernels.write_kv(k_cache, v_cache, k, v, meta.slots)
+    else:
+        write_kv(k_cache, v_cache, k, v, meta.slots)
     t, num_heads, hd = q.shape
     kvh = k.shape[1]
     group = num_heads // kvh

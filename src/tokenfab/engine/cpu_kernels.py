@@ -48,6 +48,97 @@ static inline uint16_t f2bf(float f) {
    out: [B, H, D] contiguous, same dtype as q. window <= 0: none. */
 #define MAXG 32
 #define MAXD 256
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+/* One (sequence, kv head) of bf16 decode attention with AVX512-BF16: q.k by dpbf16ps on the
+   raw bf16 data, online softmax per block, V accumulated in float32 registers. D % 32 == 0. */
+static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uint16_t *vc,
+                                const int64_t *bt, int64_t p, int64_t first, uint16_t *out,
+                                int G, int KVH, int kh, int D, int BS, float scale) {
+    __m512bh qb[MAXG][MAXD / 32];
+    __m512 acc[MAXG][MAXD / 16];
+    float m[MAXG], l[MAXG], s[MAXG][64];
+    const int nq = D / 32, nv = D / 16;
+    for (int g = 0; g < G; g++) {
+        for (int c = 0; c < nq; c++)
+            qb[g][c] = (__m512bh)_mm512_loadu_si512((const void *)(q + g * D + c * 32));
+        for (int c = 0; c < nv; c++) acc[g][c] = _mm512_setzero_ps();
+        m[g] = -INFINITY; l[g] = 0.f;
+    }
+    for (int64_t t0 = (first / BS) * BS; t0 <= p; t0 += BS) {
+        const int64_t blk = bt[t0 / BS];
+        const int64_t lo = t0 < first ? first : t0;
+        const int64_t hi = t0 + BS - 1 < p ? t0 + BS - 1 : p;
+        const int n = (int)(hi - lo + 1);
+        const int64_t base = (blk * BS + (lo - t0)) * KVH + kh;
+        if (t0 + BS <= p) {  /* the next block sits elsewhere: prefetch its rows of this head */
+            const int64_t nb = (bt[t0 / BS + 1] * BS) * KVH + kh;
+            for (int i = 0; i < BS; i++)
+                for (int c = 0; c < D * 2; c += 64) {
+                    _mm_prefetch((const char *)(kc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(vc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
+                }
+        }
+        for (int i = 0; i < n; i++) {
+            const uint16_t *kr = kc + (base + (int64_t)i * KVH) * D;
+            __m512bh kb[MAXD / 32];
+            for (int c = 0; c < nq; c++)
+                kb[c] = (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32));
+            for (int g = 0; g < G; g++) {
+                __m512 d = _mm512_setzero_ps();
+                for (int c = 0; c < nq; c++) d = _mm512_dpbf16_ps(d, qb[g][c], kb[c]);
+                s[g][i] = _mm512_reduce_add_ps(d) * scale;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float mx = m[g];
+            for (int i = 0; i < n; i++) mx = s[g][i] > mx ? s[g][i] : mx;
+            const float corr = expf(m[g] - mx);
+            l[g] *= corr;
+            if (corr != 1.f) {
+                const __m512 cv = _mm512_set1_ps(corr);
+                for (int c = 0; c < nv; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
+            }
+            for (int i = 0; i < n; i++) { s[g][i] = expf(s[g][i] - mx); l[g] += s[g][i]; }
+            m[g] = mx;
+        }
+        for (int i = 0; i < n; i++) {
+            const uint16_t *vr = vc + (base + (int64_t)i * KVH) * D;
+            for (int c = 0; c < nv; c++) {
+                const __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr + c * 16))), 16));
+                for (int g = 0; g < G; g++)
+                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][i]), vf, acc[g][c]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const __m512 inv = _mm512_set1_ps(1.f / l[g]);
+        for (int c = 0; c < nv; c++) {
+            const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], inv));
+            _mm256_storeu_si256((__m256i *)(out + g * D + c * 16), (__m256i)r);
+        }
+    }
+}
+#define HAVE_BF16_SIMD 1
+#else
+#define HAVE_BF16_SIMD 0
+#endif
+
+int has_bf16_simd(void) { return HAVE_BF16_SIMD; }
+
+/* Store new K/V rows (T tokens, each `row` contiguous elements at a row stride) at slots. */
+void write_kv(const void *k, int64_t ks, const void *v, int64_t vs, void *kc, void *vc,
+              const int64_t *slots, int T, int row, int elsize) {
+    for (int t = 0; t < T; t++) {
+        memcpy((char *)kc + slots[t] * row * elsize, (const char *)k + t * ks * elsize,
+               (size_t)row * elsize);
+        memcpy((char *)vc + slots[t] * row * elsize, (const char *)v + t * vs * elsize,
+               (size_t)row * elsize);
+    }
+}
+
 void paged_decode_attention(const void *q, int64_t q_stride, const void *kc, const void *vc,
                             const int64_t *bt, const int64_t *pos, void *out,
                             int B, int H, int KVH, int D, int BS, int MAXB,
@@ -56,6 +147,17 @@ void paged_decode_attention(const void *q, int64_t q_stride, const void *kc, con
     #pragma omp parallel for schedule(dynamic, 1)
     for (int item = 0; item < B * KVH; item++) {
         const int b = item / KVH, kh = item % KVH;
+#if HAVE_BF16_SIMD
+        if (is_bf16 && D % 32 == 0) {
+            const int64_t pp = pos[b];
+            const int64_t fst = window > 0 && pp - window + 1 > 0 ? pp - window + 1 : 0;
+            attn_item_bf16_simd((const uint16_t *)q + (int64_t)b * q_stride + (int64_t)kh * G * D,
+                                (const uint16_t *)kc, (const uint16_t *)vc, bt + (int64_t)b * MAXB,
+                                pp, fst, (uint16_t *)out + ((int64_t)b * H + kh * G) * D,
+                                G, KVH, kh, D, BS, scale);
+            continue;
+        }
+#endif
         float qf[MAXG][MAXD], acc[MAXG][MAXD], m[MAXG], l[MAXG], kf[MAXD], s[MAXG][64];
         for (int g = 0; g < G; g++) {
             const int64_t off = (int64_t)b * q_stride + (int64_t)(kh * G + g) * D;
@@ -210,7 +312,16 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.add_rms_norm_bf16.argtypes = [p, i64, p, i64, p, p, i32, i32, f32]
     lib.silu_mul_bf16.argtypes = [p, p, i32, i32]
     lib.rope_bf16.argtypes = [p, i64, i32, i32, p, p, p, i32]
-    for f in ("paged_decode_attention", "add_rms_norm_bf16", "silu_mul_bf16", "rope_bf16"):
+    lib.write_kv.argtypes = [p, i64, p, i64, p, p, p, i32, i32, i32]
+    lib.has_bf16_simd.argtypes = []
+    lib.has_bf16_simd.restype = ctypes.c_int
+    for f in (
+        "paged_decode_attention",
+        "add_rms_norm_bf16",
+        "silu_mul_bf16",
+        "rope_bf16",
+        "write_kv",
+    ):
         getattr(lib, f).restype = None
     return lib
 
@@ -288,6 +399,33 @@ class CpuKernels:
             1 if q.dtype == torch.bfloat16 else 0,
         )
         return out
+
+    def write_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
+        """Copy k/v [T, kvh, D] (each token's row contiguous) into their flat cache slots."""
+        t, kvh, d = k.shape
+        assert k_cache.is_contiguous() and v_cache.is_contiguous()
+        assert k.dtype == v.dtype == k_cache.dtype and slots.dtype == torch.int64
+        assert k.stride(2) == 1 and k.stride(1) == d and v.stride(2) == 1 and v.stride(1) == d
+        assert slots.is_contiguous() and slots.shape[0] == t
+        self.lib.write_kv(
+            _ptr(k),
+            k.stride(0),
+            _ptr(v),
+            v.stride(0),
+            _ptr(k_cache),
+            _ptr(v_cache),
+            _ptr(slots),
+            t,
+            kvh * d,
+            k.element_size(),
+        )
 
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
