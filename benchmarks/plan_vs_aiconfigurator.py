@@ -90,7 +90,10 @@ def tokenfab_on_aic_layout(q: Question, row: dict) -> dict | None:
         precision=q.precision,
     )  # fmt: skip
     dep = AggDeployment(lay, int(row["bs"]) * dp, q.isl, q.osl)
-    p = predict(load_model_spec(q.model), get_system(q.tf_system), dep)
+    from tokenfab.factory.calibrate import bundled_calibration
+
+    cal = bundled_calibration("trtllm")
+    p = predict(load_model_spec(q.model), get_system(q.tf_system), dep, cal)
     replicas = q.gpus // lay.num_gpus
     return {
         "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu * lay.num_gpus * replicas / q.gpus,
@@ -154,7 +157,7 @@ def run_tokenfab(q: Question) -> Answer:
     cmd = [
         *TOKENFAB, "plan", "--model", q.model, "--system", q.tf_system, "--gpus", str(q.gpus),
         "--isl", str(q.isl), "--osl", str(q.osl), "--ttft", str(q.ttft_ms),
-        "--tpot", str(q.tpot_ms), "--precision", q.precision, "--json",
+        "--tpot", str(q.tpot_ms), "--precision", q.precision, "--backend", "trtllm", "--json",
     ]  # fmt: skip
     res, wall, cpu = timed_run(cmd)
     if res.returncode != 0:

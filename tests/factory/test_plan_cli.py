@@ -78,3 +78,10 @@ def test_subcommands_stay_reachable(runner: CliRunner) -> None:
     assert res.exit_code == 0 and "--data" in res.stdout
     res = runner.invoke(app, ["plan", "keynote", "--help"])
     assert res.exit_code == 0 and "--osl" in res.stdout
+
+
+def test_disagg_layouts_print_literally(runner: CliRunner) -> None:
+    # "2P[tp1 b4] + 1D[tp2 b64]" must not be eaten as rich markup
+    res = runner.invoke(app, [*SMALL, "--mode", "disagg", "--top", "5"])
+    assert res.exit_code == 0, res.output
+    assert "P[tp" in res.stdout and "D[tp" in res.stdout

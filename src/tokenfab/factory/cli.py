@@ -51,6 +51,9 @@ def plan(
         "auto", "--precision", help="bf16 | fp8 | fp4 | auto (the checkpoint's own)."
     ),
     mode: str = typer.Option("both", "--mode", help="agg | disagg | both."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Calibrate for trtllm | sglang | vllm | auto (their mean)."
+    ),
     price_per_gpu_hour: float | None = typer.Option(
         None, "--price-per-gpu-hour", help="$ per GPU-hour (default: a cited cloud price)."
     ),
@@ -73,7 +76,7 @@ def plan(
 
     try:
         result, econ = _run_plan(
-            model, system, gpus, isl, osl, ttft, tpot, precision, mode,
+            model, system, gpus, isl, osl, ttft, tpot, precision, mode, backend,
             price_per_gpu_hour, price_per_mtok, usd_per_kwh, pue,
         )  # fmt: skip
     except (PlanError, KeyError, ValueError, OSError) as e:
@@ -119,6 +122,7 @@ def _run_plan(
     tpot: float | None,
     precision: str,
     mode: str,
+    backend: str,
     price_per_gpu_hour: float | None,
     price_per_mtok: float | None,
     usd_per_kwh: float | None,
@@ -146,7 +150,8 @@ def _run_plan(
         if v is not None and v <= 0:
             raise PlanError(f"{name} must be > 0, got {v}")
     prec = checkpoint_precision(model) if precision == "auto" else precision
-    q = PlanQuery(spec, sysm, gpus, isl, osl, ttft, tpot, prec, modes[mode])
+    be = None if backend == "auto" else backend
+    q = PlanQuery(spec, sysm, gpus, isl, osl, ttft, tpot, prec, modes[mode], be)
     result = run_search(q)
     book = load_prices()
     gpu_hour = price_per_gpu_hour if price_per_gpu_hour is not None else book.gpu_hour(sysm.key)
@@ -179,6 +184,7 @@ def _query_dict(result) -> dict:
         "tpot_ms": q.tpot_ms,
         "precision": q.precision,
         "modes": list(q.modes),
+        "backend": q.backend or "auto",
         "allin_power_w_per_gpu": q.system.allin_power_w,
         "preliminary_system": q.system.preliminary,
     }
@@ -264,6 +270,7 @@ def _write_csv(result, econ: dict, path: Path) -> None:
 
 def _print_plan(result, econ: dict, top: int) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from tokenfab.factory.economics import usd_per_mtok
@@ -283,6 +290,7 @@ def _print_plan(result, econ: dict, top: int) -> None:
     con.print(
         f"[bold]{q.model.name}[/] on [bold]{q.gpus} x {q.system.name}[/]"
         f"{' (preliminary specs)' if q.system.preliminary else ''}, {q.precision}, "
+        f"backend {q.backend or 'auto'}, "
         f"ISL {q.isl} / OSL {q.osl}; limits: {limits or 'none'}"
     )
     con.print(
@@ -291,11 +299,11 @@ def _print_plan(result, econ: dict, top: int) -> None:
     )
     gpu_hour = econ["econ"].usd_per_gpu_hour
     front = result.frontier
-    shown = (
-        front
-        if len(front) <= top
-        else [front[round(i * (len(front) - 1) / (top - 1))] for i in range(top)]
-    )
+    shown = front
+    if len(front) > top:
+        keep = {round(i * (len(front) - 1) / max(top - 1, 1)) for i in range(top)}
+        keep |= {i for i, c in enumerate(front) if c is result.best}  # always show the best
+        shown = [front[i] for i in sorted(keep)]
     t = Table(
         title=f"Pareto frontier ({len(front)} points{', sampled' if shown is not front else ''})"
     )
@@ -318,7 +326,7 @@ def _print_plan(result, econ: dict, top: int) -> None:
         ok = c.meets(q.ttft_ms, q.tpot_ms)
         t.add_row(
             c.mode,
-            c.describe(),
+            escape(c.describe()),
             str(c.gpus_used),
             str(c.users),
             f"{p.ttft_ms:,.0f}",
@@ -340,7 +348,7 @@ def _print_plan(result, econ: dict, top: int) -> None:
     else:
         p = best.prediction
         con.print(
-            f"[bold green]Best within limits:[/] {best.mode} {best.describe()} - "
+            f"[bold green]Best within limits:[/] {best.mode} {escape(best.describe())} - "
             f"{best.tokens_per_s_per_gpu:,.0f} tok/s/GPU, {best.tokens_per_s_per_user:,.1f} "
             f"tok/s/user, TTFT {p.ttft_ms:,.0f} ms, TPOT {p.tpot_ms:.1f} ms, "
             f"{best.users} users on {best.gpus_used}/{q.gpus} GPUs, {best.tokens_per_s:,.0f} tok/s"
@@ -351,7 +359,9 @@ def _print_plan(result, econ: dict, top: int) -> None:
     et = Table(title="Economics (output tokens)", show_header=False)
     et.add_column("item")
     et.add_column("value", justify="right")
-    et.add_row("price per GPU-hour", f"${e.usd_per_gpu_hour:.2f}  ({econ['gpu_hour_note']})")
+    et.add_row(
+        "price per GPU-hour", f"${e.usd_per_gpu_hour:.2f}  ({escape(econ['gpu_hour_note'])})"
+    )
     et.add_row("rental cost per million tokens", f"${e.usd_per_mtok:.4f}")
     et.add_row(
         f"electricity per million tokens (${e.usd_per_kwh:.3f}/kWh, PUE {e.pue:g})",

@@ -51,6 +51,7 @@ MAX_WORKER_GPUS = 128
 MIN_EXPERT_SLICE = 128  # MoE-TP keeps >= one tensor-core tile of each expert's FFN per GPU
 PIPELINE_STAGES = (1, 2, 4, 8)
 MODES = ("agg", "disagg")
+BACKENDS = (None, "trtllm", "sglang", "vllm")
 
 
 class PlanError(ValueError):
@@ -68,6 +69,7 @@ class PlanQuery:
     tpot_ms: float | None = None
     precision: str = "fp8"
     modes: tuple[str, ...] = MODES
+    backend: str | None = None  # calibration of this serving backend; None = their mean
 
     def check(self) -> None:
         if self.gpus < 1:
@@ -79,6 +81,8 @@ class PlanQuery:
         for name, v in (("--ttft", self.ttft_ms), ("--tpot", self.tpot_ms)):
             if v is not None and v <= 0:
                 raise PlanError(f"{name} must be > 0 ms, got {v}")
+        if self.backend not in BACKENDS:
+            raise PlanError(f"unknown backend {self.backend!r}; one of trtllm, sglang, vllm, auto")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise PlanError(f"unknown mode {bad}; use agg, disagg or both")
@@ -439,7 +443,7 @@ def run_search(q: PlanQuery, cal: Calibration | None = None) -> SearchResult:
     if cal is None:
         from tokenfab.factory.calibrate import bundled_calibration
 
-        cal = bundled_calibration()
+        cal = bundled_calibration(q.backend)
     t0 = time.perf_counter()
     layouts = enumerate_layouts(q.model, q.system, q.gpus, q.precision)
     fits = _fits(q, layouts, q.isl + q.osl)
