@@ -32,12 +32,18 @@ def _series(c) -> tuple:
     return (c.model.name, c.system.key, c.backend, lay, d.isl, d.osl)
 
 
+def _kind(c) -> str:
+    if isinstance(c.deployment, AggDeployment):
+        return "agg"
+    return "disagg, pools given" if c.pools_known else "disagg, pools inferred"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = resources.files("tokenfab.factory").joinpath("data/measured_serving.csv")
     ap.add_argument("--data", type=Path, default=Path(str(default)))
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--sweeps", type=int, default=6)
+    ap.add_argument("--sweeps", type=int, default=10, help="fit iterations per fold")
     ap.add_argument("--lomo", action="store_true", help="also leave-one-model-out")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -65,6 +71,10 @@ def main() -> None:
         )
         report[name] = summarize(res, rows, len(skipped))
         report[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        # the same held-out predictions by kind of row
+        for kind in ("agg", "disagg, pools given", "disagg, pools inferred"):
+            sub = [r for c, r in zip(cases, res, strict=True) if _kind(c) == kind]
+            report[f"  {name}: {kind}"] = summarize(sub, len(sub), 0)
 
     if args.json:
         print(json.dumps(report, indent=1))
@@ -72,10 +82,11 @@ def main() -> None:
     print(
         f"\n{args.data.name}: {rows} rows, {len(skipped)} skipped ({time.perf_counter() - t:.0f}s)"
     )
-    print(f"{'split':40s} {'TTFT MdAPE':>10s} {'p90':>7s} {'TPOT MdAPE':>10s} {'p90':>7s}")
+    head = f"{'split':58s} {'rows':>5s} {'TTFT MdAPE':>10s} {'p90':>7s} {'TPOT MdAPE':>10s} {'p90':>7s}"
+    print(head)
     for name, s in report.items():
         print(
-            f"{name:40s} {s['ttft_mdape']:9.1f}% {s['ttft_p90_ape']:6.1f}% "
+            f"{name:58s} {s['predicted']:5d} {s['ttft_mdape']:9.1f}% {s['ttft_p90_ape']:6.1f}% "
             f"{s['tpot_mdape']:9.1f}% {s['tpot_p90_ape']:6.1f}%"
         )
 
