@@ -28,7 +28,7 @@ from tokenfab.engine.errors import (
     QueueFullError,
 )
 from tokenfab.engine.kv_cache import EventSink, KVCacheManager, request_extra_keys
-from tokenfab.engine.runner import Runner
+from tokenfab.engine.runner import Runner, StepBatch
 from tokenfab.engine.sampler import Sampler, SampleRow, make_generator
 from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenfab.engine.sequence import Sequence
@@ -216,15 +216,40 @@ class LLMEngine:
             self.kv.flush_events()
             return []
         self._steps += 1
+        failed: list[GenerateOutput] = []
         try:
             logits = self.runner.execute(sched.batch)
-        except Exception as e:  # the model failed: fail this step's requests, keep running
-            log.exception("step failed")
-            return self._fail([s.seq for s in sched.scheduled], f"engine step failed: {e}")
+        except Exception:
+            log.exception(
+                "step of %d sequences failed; retrying them one by one", len(sched.scheduled)
+            )
+            logits, failed = self._isolate_failure(sched)
         self.scheduler.update_computed(sched)
         outputs = self._sample_and_advance(sched, logits)
         self.kv.flush_events()
-        return outputs
+        return failed + outputs
+
+    def _isolate_failure(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[GenerateOutput]]:
+        """Re-run each chunk of a failed step on its own (rewriting the same K/V positions is
+        harmless), so only the requests that fail alone are failed; drops those from `sched`."""
+        rows: list[torch.Tensor] = []
+        failed: list[GenerateOutput] = []
+        keep_chunks, keep_sched = [], []
+        for chunk, s in zip(sched.batch.chunks, sched.scheduled, strict=True):
+            try:
+                out = self.runner.execute(StepBatch([chunk]))
+            except Exception as e:
+                failed.extend(self._fail([s.seq], f"engine step failed: {e}"))
+                continue
+            keep_chunks.append(chunk)
+            keep_sched.append(s)
+            if chunk.sample:
+                rows.append(out)
+        sched.batch.chunks[:] = keep_chunks
+        sched.scheduled[:] = keep_sched
+        vocab = self.vocab_size
+        logits = torch.cat(rows) if rows else torch.empty((0, vocab), dtype=torch.float32)
+        return logits, failed
 
     def _sample_and_advance(
         self, sched: SchedulerOutput, logits: torch.Tensor
