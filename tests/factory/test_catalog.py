@@ -56,3 +56,12 @@ def test_precision_fallback():
     assert h100.peak_tflops("fp4") == h100.tflops["fp8"]  # fp4 weights, fp8 math on Hopper
     assert get_system("b200").peak_tflops("fp4") == 2 * get_system("b200").peak_tflops("fp8")
     assert set(PRECISIONS) == set(h100.tflops)
+
+
+def test_validation_only_systems_resolve_but_are_not_planned():
+    from tokenfab.factory.catalog import all_systems
+
+    a100 = get_system("a100_sxm")
+    assert not a100.planning and "a100_sxm" not in load_systems() and "a100_sxm" in all_systems()
+    assert a100.peak_tflops("fp8") == a100.tflops["bf16"]  # no fp8 tensor cores on Ampere
+    assert get_system("gb200_sxm").key == "gb200"

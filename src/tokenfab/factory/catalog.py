@@ -31,6 +31,7 @@ class System:
     gpu_power_w: float
     allin_power_w: float  # system IT power / GPUs (no PUE)
     preliminary: bool = False
+    planning: bool = True  # offered by load_systems (False: kept for validation only)
     sources: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     aliases: tuple[str, ...] = ()
 
@@ -52,7 +53,14 @@ def _norm(name: str) -> str:
 
 @cache
 def load_systems() -> dict[str, System]:
-    """All systems of the bundled catalog, by key (e.g. "gb200", "h100_sxm")."""
+    """The planning catalog by key (e.g. "gb200", "h100_sxm"): the systems the planner offers."""
+    return {k: s for k, s in all_systems().items() if s.planning}
+
+
+@cache
+def all_systems() -> dict[str, System]:
+    """Every system in the data file, including ones kept only so that measurements taken on
+    them can be predicted (A100, H800, H20, L40S, ...)."""
     text = resources.files("tokenfab.factory").joinpath("data/systems.toml").read_text()
     raw = tomllib.loads(text)
     refs: dict[str, str] = raw["sources"]
@@ -72,6 +80,7 @@ def load_systems() -> dict[str, System]:
             gpu_power_w=float(s["gpu_power_w"]),
             allin_power_w=float(s["allin_power_w"]),
             preliminary=bool(s.get("preliminary", False)),
+            planning=bool(s.get("planning", True)),
             sources={f: refs[r] for f, r in s["sources"].items()},
             aliases=tuple(s.get("aliases", ())),
         )
@@ -81,7 +90,7 @@ def load_systems() -> dict[str, System]:
 @cache
 def _alias_index() -> dict[str, str]:
     idx: dict[str, str] = {}
-    for key, s in load_systems().items():
+    for key, s in all_systems().items():
         for a in (key, s.name, s.gpu, *s.aliases):
             idx[_norm(a)] = key
     return idx
@@ -91,6 +100,6 @@ def get_system(name: str) -> System:
     """A system by key, display name or alias (case, '-', '_' and spaces ignored)."""
     key = _alias_index().get(_norm(name))
     if key is None:
-        known = ", ".join(sorted(load_systems()))
+        known = ", ".join(sorted(all_systems()))
         raise KeyError(f"unknown system {name!r}; known: {known}")
-    return load_systems()[key]
+    return all_systems()[key]
