@@ -220,7 +220,9 @@ class Endpoint:
         seq = 0
         bus = self._rt.bus
 
-        def send(kind: str, payload: bytes = b"\xc0", code: str | None = None, msg: str | None = None):
+        def send(
+            kind: str, payload: bytes = b"\xc0", code: str | None = None, msg: str | None = None
+        ):
             nonlocal seq
             out = StreamFrame(
                 stream_id=frame.stream_id,
@@ -316,6 +318,19 @@ class Runtime:
     ) -> Runtime:
         """The in-process backend: everything in one asyncio event loop."""
         return cls(LocalBus(), LocalDiscovery(clock, sweep_interval), namespace)
+
+    @classmethod
+    async def connect(cls, url: str = "local", namespace: str = "default") -> Runtime:
+        """`local` (in-process) or `nats://host:port` (core NATS; discovery by heartbeats)."""
+        if url == "local":
+            return cls.local(namespace)
+        if url.startswith(("nats://", "tls://", "ws://", "wss://")):
+            from tokenfab.runtime.bus_discovery import BusDiscovery
+            from tokenfab.runtime.nats_bus import NatsBus
+
+            bus = await NatsBus.connect(url)
+            return cls(bus, BusDiscovery(bus, namespace), namespace)
+        raise ValueError(f"unknown runtime {url!r}: use 'local' or 'nats://host:port'")
 
     # ------------------------------------------------------------------ discovery
 

@@ -28,6 +28,21 @@ class DiscoveryEvent(msgspec.Struct, kw_only=True):
     instance: InstanceInfo
 
 
+class Announcement(msgspec.Struct, kw_only=True):
+    """Bus discovery: an instance is up (sent at registration and as its lease heartbeat) or
+    down (sent when it deregisters)."""
+
+    kind: Literal["up", "down"]
+    instance: InstanceInfo
+    ttl: float
+
+
+class Probe(msgspec.Struct, kw_only=True):
+    """Bus discovery: asks every live instance of a component to announce itself now."""
+
+    component: str
+
+
 class RequestFrame(msgspec.Struct, kw_only=True):
     """A call: `payload` is the msgpack of the endpoint's request type."""
 
@@ -65,6 +80,14 @@ def cancel_subject(namespace: str, instance_id: str) -> str:
 
 def reply_subject(namespace: str, stream_id: str) -> str:
     return f"{PREFIX}.{namespace}.reply.{stream_id}"
+
+
+def discovery_subject(namespace: str, component: str) -> str:
+    return f"{PREFIX}.{namespace}.discovery.{component}"
+
+
+def probe_subject(namespace: str, component: str) -> str:
+    return f"{PREFIX}.{namespace}.discovery_probe.{component}"
 
 
 def event_subject(namespace: str, topic: str) -> str:
