@@ -82,3 +82,28 @@ def test_whole_bundled_file_predicted(bundled_csv):
     summary, results, skipped = validate_file(bundled_csv)
     assert summary["rows"] == 3679 and summary["skipped"] == 0 and not skipped
     assert all(r.ttft_ms > 0 and r.tpot_ms > 0 for r in results)
+
+
+def test_kfold_random_and_grouped(rows):
+    from tokenfab.factory.calibrate import kfold
+
+    cases = [case_from_row(r) for r in rows[:200]]
+    folds = kfold(cases, 5, seed=0)
+    assert sorted(set(folds)) == [0, 1, 2, 3, 4]
+    assert max(folds.count(f) for f in range(5)) - min(folds.count(f) for f in range(5)) <= 1
+    grouped = kfold(cases, 5, seed=0, key=lambda c: c.model.name)
+    by_model: dict[str, set[int]] = {}
+    for c, f in zip(cases, grouped, strict=True):
+        by_model.setdefault(c.model.name, set()).add(f)
+    assert all(len(fs) == 1 for fs in by_model.values())  # a model never spans two folds
+
+
+def test_cross_validation_cli(tmp_path, rows):
+    # two folds of a dozen rows: refits twice (a few seconds), same stable keys
+    f = _write(tmp_path / "cv.csv", rows[100:112])
+    res = CliRunner().invoke(app, ["validate", "--data", str(f), "--json", "--cv", "2"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert set(out) == KEYS and out["predicted"] == 12
+    bad = CliRunner().invoke(app, ["validate", "--data", str(f), "--cv", "1"])
+    assert bad.exit_code == 2
