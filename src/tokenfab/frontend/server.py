@@ -9,8 +9,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import re
+import signal
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -22,6 +26,35 @@ from tokenfab.runtime import Runtime
 from tokenfab.worker import AggregatedWorker, KVEventForwarder
 
 log = logging.getLogger("tokenfab.serve")
+
+
+async def start_workers(
+    runtime: Runtime, engine: EngineConfig, count: int, id_prefix: str = "worker"
+) -> tuple[list[Any], list[AggregatedWorker]]:
+    """Load the model once and start `count` engines, each behind an aggregated worker."""
+    from tokenfab.engine.engine import AsyncEngine
+    from tokenfab.engine.loader import load_model
+
+    # One copy of the weights serves every engine of this process (they are read-only).
+    loaded = await asyncio.to_thread(load_model, engine.model, engine.dtype, engine.device)
+    engines, workers = [], []
+    for i in range(count):
+        sink = KVEventForwarder()
+        eng = AsyncEngine(dataclasses.replace(engine), event_sink=sink, loaded=loaded)
+        await eng.start()
+        engines.append(eng)
+        worker_id = f"{id_prefix}-{i}" if count > 1 or id_prefix == "worker" else id_prefix
+        worker = AggregatedWorker(eng, runtime, sink, worker_id=worker_id)
+        await worker.start()
+        workers.append(worker)
+    return engines, workers
+
+
+async def stop_workers(engines: list[Any], workers: list[AggregatedWorker]) -> None:
+    for worker in workers:
+        await worker.close()
+    for engine in engines:
+        await engine.shutdown()
 
 
 class ServingStack:
@@ -39,20 +72,9 @@ class ServingStack:
         self.app: Any = None
 
     async def start(self) -> None:
-        from tokenfab.engine.engine import AsyncEngine
-        from tokenfab.engine.loader import load_model
-
-        cfg = self.engine_config
-        # One copy of the weights serves every engine of this process (they are read-only).
-        loaded = await asyncio.to_thread(load_model, cfg.model, cfg.dtype, cfg.device)
-        for i in range(self.server_config.workers):
-            sink = KVEventForwarder()
-            engine = AsyncEngine(dataclasses.replace(cfg), event_sink=sink, loaded=loaded)
-            await engine.start()
-            self.engines.append(engine)
-            worker = AggregatedWorker(engine, self.runtime, sink, worker_id=f"worker-{i}")
-            await worker.start()
-            self.workers.append(worker)
+        self.engines, self.workers = await start_workers(
+            self.runtime, self.engine_config, self.server_config.workers
+        )
         await self.pool.start()
         first = self.engines[0]
         self.app = build_app(
@@ -68,10 +90,7 @@ class ServingStack:
 
     async def stop(self) -> None:
         await self.pool.close()
-        for worker in self.workers:
-            await worker.close()
-        for engine in self.engines:
-            await engine.shutdown()
+        await stop_workers(self.engines, self.workers)
         await self.runtime.close()
 
     def describe(self) -> str:
@@ -122,6 +141,98 @@ async def serve(engine: EngineConfig, server: ServerConfig, log_level: str = "in
         await _uvicorn(stack.app, log_level).serve(sockets=[sock])
     finally:
         await stack.stop()
+        sock.close()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_worker(
+    engine: EngineConfig,
+    runtime_url: str,
+    namespace: str = "default",
+    worker_id: str | None = None,
+    count: int = 1,
+) -> None:
+    """`tokenfab worker`: engines registered on a shared runtime, until SIGINT/SIGTERM."""
+    runtime = await Runtime.connect(runtime_url, namespace)
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
+    prefix = worker_id or f"worker-{host}-{os.getpid()}"
+    engines: list[Any] = []
+    workers: list[AggregatedWorker] = []
+    try:
+        engines, workers = await start_workers(runtime, engine, count, prefix)
+        ids = ", ".join(w.worker_id for w in workers)
+        log.info("worker(s) %s serving %s on %s", ids, engines[0].model_name, runtime_url)
+        await _until_signalled()
+    finally:
+        await stop_workers(engines, workers)
+        await runtime.close()
+
+
+async def build_remote_frontend(
+    runtime: Runtime, server: ServerConfig, tokenizer: str | None, wait_s: float
+) -> tuple[Any, WorkerPool]:
+    """A frontend for workers found on a shared runtime: model name, context length and
+    tokenizer come from the first worker's metadata (or `tokenizer`, a local folder)."""
+    from transformers import AutoTokenizer
+
+    pool = WorkerPool(runtime)
+    await pool.start()
+    if not pool.workers:
+        log.info("waiting up to %.0fs for a worker to register...", wait_s)
+    await pool.wait_for_workers(1, timeout=wait_s)
+    meta = pool.workers[0].metadata
+    path = tokenizer or str(meta.get("model_path") or "")
+    if not path:
+        raise RuntimeError("the worker did not say where its model is: pass --tokenizer")
+    tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
+    app = build_app(
+        FrontendState(
+            pool=pool,
+            tokenizer=tok,
+            model_name=server.served_model_name or str(meta.get("model") or Path(path).name),
+            max_model_len=int(meta.get("max_model_len") or 2048),
+            api_key=server.api_key,
+            max_body_bytes=server.max_body_bytes,
+        )
+    )
+    return app, pool
+
+
+async def run_frontend(
+    server: ServerConfig,
+    runtime_url: str,
+    namespace: str = "default",
+    tokenizer: str | None = None,
+    wait_s: float = 300.0,
+    log_level: str = "info",
+) -> None:
+    """`tokenfab frontend`: the HTTP API in front of workers on a shared runtime."""
+    sock = bind_socket(server.host, server.port)
+    runtime = await Runtime.connect(runtime_url, namespace)
+    pool: WorkerPool | None = None
+    try:
+        app, pool = await build_remote_frontend(runtime, server, tokenizer, wait_s)
+        n = len(pool.workers)
+        log.info(
+            "tokenfab frontend for %s: %d worker(s) on %s",
+            app.state.tokenfab.model_name,
+            n,
+            runtime_url,
+        )
+        log.info("OpenAI API at %s/v1 (try GET %s/v1/models)", url_of(sock), url_of(sock))
+        await _uvicorn(app, log_level).serve(sockets=[sock])
+    finally:
+        if pool is not None:
+            await pool.close()
+        await runtime.close()
         sock.close()
 
 
