@@ -62,6 +62,7 @@ class _RequestState:
     suppress_until_min: list[int]
     max_output_tokens: int
     generator: torch.Generator | None
+    uses_history: bool
     pending_logprobs: list[PositionLogprobs] = field(default_factory=list)
 
 
@@ -187,6 +188,9 @@ class LLMEngine:
             suppress_until_min=sorted(set(p.stop_token_ids) | set(self.eos_token_ids)),
             max_output_tokens=min(p.max_tokens or room, room),
             generator=make_generator(p.seed) if p.seed is not None and not p.greedy else None,
+            uses_history=p.repetition_penalty != 1.0
+            or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0,
         )
         self.scheduler.add(seq)  # may raise QueueFullError
         self._seqs[req.request_id] = seq
@@ -274,7 +278,15 @@ class LLMEngine:
         st: _RequestState = seq.state
         p = seq.params
         suppress = st.suppress_until_min if seq.num_output_tokens < p.min_tokens else []
-        return SampleRow(p, seq.prompt_token_ids, seq.output_token_ids, st.generator, suppress)
+        # Token history is only read by penalties; skip the O(length) copy otherwise.
+        history = st.uses_history
+        return SampleRow(
+            p,
+            seq.prompt_token_ids if history else [],
+            seq.output_token_ids if history else [],
+            st.generator,
+            suppress,
+        )
 
     def _advance(
         self, seq: Sequence, token: int, logprobs: PositionLogprobs | None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tokenfab.protocol import PositionLogprobs, SamplingParams, TokenLogprob
@@ -60,7 +61,7 @@ class Sampler:
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
 
         fast = not want_lp and all(_plain_greedy(r) for r in rows)
-        tokens = logits.argmax(dim=-1).tolist() if fast else self._sample(logits.clone(), rows)
+        tokens = _argmax(logits).tolist() if fast else self._sample(logits.clone(), rows)
 
         results = [SampleResult(t) for t in tokens]
         if raw_lp is not None:
@@ -75,7 +76,7 @@ class Sampler:
                 logits[i, r.suppress_token_ids] = float("-inf")
 
         greedy = [r.params.greedy for r in rows]
-        tokens = logits.argmax(dim=-1)
+        tokens = _argmax(logits)
         rand_idx = [i for i, g in enumerate(greedy) if not g]
         if rand_idx:
             sub_rows = [rows[i] for i in rand_idx]
@@ -94,8 +95,16 @@ class Sampler:
             for j, r in enumerate(sub_rows):
                 if r.generator is not None:
                     noise[j].exponential_(generator=r.generator)
-            tokens[rand_idx] = (probs / noise).argmax(dim=-1)
+            tokens[rand_idx] = _argmax(probs / noise)
         return tokens.tolist()
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (first index of the maximum, like torch). numpy's is ~30x faster than
+    torch's on CPU for [batch, vocab] float32, which matters once per decode step."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(np.argmax(x.contiguous().numpy(), axis=-1))
+    return x.argmax(dim=-1)
 
 
 def _plain_greedy(r: SampleRow) -> bool:
