@@ -97,7 +97,18 @@ def test_openai_client_through_frontend_nats_and_worker(cluster: dict) -> None:
 
 
 def test_frontend_notices_the_worker_leaving(cluster: dict) -> None:
-    cluster["worker"].send_signal(signal.SIGINT)
+    body = {"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    with (
+        httpx.Client(base_url=cluster["url"], timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as r,
+    ):
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        cluster["worker"].send_signal(signal.SIGINT)  # the worker leaves mid-stream
+        rest = [line for line in lines if line]
+    # the open stream ends with an error event instead of hanging
+    assert rest[-1] == "data: [DONE]"
+    assert '"code":"unavailable"' in rest[-2]
     cluster["worker"].wait(30)
     deadline = time.monotonic() + 20
     status = 200

@@ -47,6 +47,8 @@ class WorkerPool:
         self.runtime = runtime
         self.selector = selector or RoundRobin()
         self._workers: dict[str, InstanceInfo] = {}
+        self._active: dict[str, set[ResponseStream[GenerateOutput]]] = {}
+        """Open generate streams per worker, failed at once if that worker disappears."""
         self._changed = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -60,7 +62,10 @@ class WorkerPool:
             if event.kind == "added":
                 self._workers[event.instance.instance_id] = event.instance
             else:
-                self._workers.pop(event.instance.instance_id, None)
+                wid = event.instance.instance_id
+                self._workers.pop(wid, None)
+                for stream in list(self._active.pop(wid, ())):
+                    stream.fail("unavailable", f"worker {wid} went away")
             self._changed.set()
 
     @property
@@ -79,8 +84,12 @@ class WorkerPool:
         workers = self.workers
         if not workers:
             raise InstanceUnavailable("no worker is available")
-        worker = self.selector.choose(workers, request)
-        return await self.runtime.call(worker.instance_id, "generate", request, GenerateOutput)
+        wid = self.selector.choose(workers, request).instance_id
+        stream = await self.runtime.call(wid, "generate", request, GenerateOutput)
+        active = self._active.setdefault(wid, set())
+        active.add(stream)
+        stream.on_done(active.discard)
+        return stream
 
     async def stats(self, timeout: float = 2.0) -> list[LoadReport]:
         """A fresh LoadReport from every worker that answers within `timeout`."""

@@ -93,18 +93,40 @@ class ResponseStream(Generic[T]):
         self._decoder = decoder
         self._seq = 0
         self._done = False
+        self._failure: RemoteError | None = None
+        self._on_done: list[Callable[[ResponseStream[T]], None]] = []
+
+    def on_done(self, callback: Callable[[ResponseStream[T]], None]) -> None:
+        """Call `callback(stream)` once the stream has ended, failed or been cancelled."""
+        if self._done:
+            callback(self)
+        else:
+            self._on_done.append(callback)
+
+    def fail(self, code: str, message: str) -> None:
+        """End the stream from the caller's side with an error (e.g. its instance vanished
+        from discovery): the iterating task gets `RemoteError(code, message)`."""
+        if not self._done:
+            self._failure = RemoteError(code, message)
+            self._finish()
 
     def __aiter__(self) -> ResponseStream[T]:
         return self
 
     async def __anext__(self) -> T:
         if self._done:
+            if self._failure is not None:
+                raise self._failure
             raise StopAsyncIteration
         try:
             frame = _dec_stream_frame.decode(await self._sub.next())
         except BusClosed:
-            self._done = True
-            raise StopAsyncIteration from None
+            if self._failure is not None:
+                raise self._failure from None
+            if self._done:
+                raise StopAsyncIteration from None
+            self._finish()
+            raise RemoteError("unavailable", "the runtime closed before the stream ended") from None
         if frame.seq != self._seq:
             self._finish()
             raise RemoteError("protocol", f"stream frame {frame.seq} arrived, {self._seq} expected")
@@ -130,8 +152,13 @@ class ResponseStream(Generic[T]):
             self._finish()
 
     def _finish(self) -> None:
+        if self._done:
+            return
         self._done = True
         self._sub.unsubscribe()
+        callbacks, self._on_done = self._on_done, []
+        for callback in callbacks:
+            callback(self)
 
     async def aclose(self) -> None:
         self.cancel()
