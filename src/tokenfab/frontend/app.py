@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from tokenfab.protocol import GenerateOutput
 from tokenfab.runtime import RemoteError
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 _THREAD_PROMPT_CHARS = 20_000
 """Prompts longer than this are templated/tokenized off the event loop."""
@@ -341,6 +343,10 @@ async def _guarded(
     except RemoteError as e:
         err = remote_to_api(e, state.retry_after_s)
         yield _sse(error_body(err.status, err.message, code=err.code))
+        yield _DONE
+    except Exception as e:  # a bug of ours: tell the client, keep the server up
+        log.exception("stream %s failed", prep.request_id)
+        yield _sse(error_body(500, f"internal error ({type(e).__name__})"))
         yield _DONE
     finally:
         fanout.cancel()
