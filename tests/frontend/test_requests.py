@@ -76,3 +76,15 @@ def test_unknown_model_is_404() -> None:
     with pytest.raises(APIError) as err:
         check_model("other", "m")
     assert err.value.status == 404
+
+
+def test_chat_template_kwargs_are_scalars_and_cannot_replace_the_template(prompts: Prompts) -> None:
+    prep = prepare_chat(chat(chat_template_kwargs={"enable_thinking": False}), prompts, 100)
+    assert prep.prompts[0].token_ids
+    for bad in [{"chat_template": "{{ 1 }}"}, {"x": {"y": 1}}, {"tokenize": True}]:
+        with pytest.raises(APIError) as err:
+            prepare_chat(chat(chat_template_kwargs=bad), prompts, 100)
+        assert err.value.param == "chat_template_kwargs"
+    with pytest.raises(APIError) as err:
+        prepare_chat(chat(stop=["x" * 5000]), prompts, 100)
+    assert err.value.param == "stop"

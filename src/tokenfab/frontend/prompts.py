@@ -20,6 +20,31 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "chat_template", "tokenize", "conversation", "return_dict", "return_tensors",
+        "padding", "truncation", "max_length", "tokenizer_kwargs", "tools", "documents",
+        "return_assistant_tokens_mask",
+    }
+)  # fmt: skip
+
+
+def _template_kwargs(given: dict[str, Any] | None) -> dict[str, Any]:
+    """Client-chosen template variables (e.g. enable_thinking): scalars only, and never the
+    template itself or tokenizer options."""
+    out: dict[str, Any] = {}
+    for key, value in (given or {}).items():
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            raise bad_request(f"chat_template_kwargs may not set {key!r}", "chat_template_kwargs")
+        if not isinstance(value, str | int | float | bool | None):
+            raise bad_request(
+                f"chat_template_kwargs.{key} must be a string, number, boolean or null",
+                "chat_template_kwargs",
+            )
+        out[key] = value
+    return out
+
+
 class Prompts:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -32,9 +57,7 @@ class Prompts:
         if not messages:
             raise bad_request("messages must not be empty", param="messages")
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        kwargs = dict(template_kwargs or {})
-        kwargs.pop("tokenize", None)
-        kwargs.pop("conversation", None)
+        kwargs = _template_kwargs(template_kwargs)
         template = (
             None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
         )

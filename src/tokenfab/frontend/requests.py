@@ -19,6 +19,7 @@ from tokenfab.protocol import GenerateRequest, SamplingParams
 MAX_N = 64
 MAX_SEQUENCES = 256
 """Prompts × n in one request."""
+MAX_STOP_CHARS = 1024
 _INT32 = 2**31 - 1
 
 
@@ -80,6 +81,9 @@ def _common_checks(req: _Sampling) -> None:
         raise bad_request(f"n must be between 1 and {MAX_N} (got {req.n})", "n")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(f"stop strings must be at most {MAX_STOP_CHARS} characters", "stop")
     if req.top_k is not None and req.top_k > _INT32:
         raise bad_request(f"top_k must be at most {_INT32} (got {req.top_k})", "top_k")
     if req.min_tokens > _INT32:
