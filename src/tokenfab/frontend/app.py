@@ -196,8 +196,6 @@ def build_app(state: FrontendState) -> FastAPI:
         else:
             prep = fn(req, prompts, state.max_model_len)
         prep.created = int(time.time())
-        for p in prep.prompts:
-            metrics.prompt_tokens.inc(len(p.token_ids))
         return prep
 
     async def run(request: Request, prep: Prepared, kind: str) -> Response:
@@ -209,6 +207,7 @@ def build_app(state: FrontendState) -> FastAPI:
             raise remote_to_api(e, state.retry_after_s) from None
         except ClientDisconnected:
             return Response(status_code=499)
+        metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in prep.prompts))  # admitted
         states = [ChoiceState() for _ in prep.engine_requests]
         if prep.stream:
             stream = _stream_chat if kind == "chat" else _stream_completion
