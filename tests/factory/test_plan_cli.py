@@ -85,3 +85,20 @@ def test_disagg_layouts_print_literally(runner: CliRunner) -> None:
     res = runner.invoke(app, [*SMALL, "--mode", "disagg", "--top", "5"])
     assert res.exit_code == 0, res.output
     assert "P[tp" in res.stdout and "D[tp" in res.stdout
+
+
+def test_system_without_default_price_still_plans(runner: CliRunner) -> None:
+    from tokenfab.factory.catalog import get_system, load_systems
+    from tokenfab.factory.economics import load_prices
+
+    try:
+        sysm = get_system("a100")
+    except KeyError:
+        pytest.skip("no validation-only system in this catalog")
+    if sysm.key in load_systems() or sysm.key in load_prices().gpu_hour_usd:
+        pytest.skip("a100 has a default price here")
+    res = runner.invoke(app, ["plan", "-m", "meta-llama/Llama-3.1-8B-Instruct", "-s", "a100",
+                              "-n", "2", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    e = json.loads(res.stdout)["economics"]
+    assert e["usd_per_mtok"] is None and e["tokens_per_s_per_mw"] > 0

@@ -154,7 +154,8 @@ def _run_plan(
     q = PlanQuery(spec, sysm, gpus, isl, osl, ttft, tpot, prec, modes[mode], be)
     result = run_search(q)
     book = load_prices()
-    gpu_hour = price_per_gpu_hour if price_per_gpu_hour is not None else book.gpu_hour(sysm.key)
+    # no default price (e.g. validation-only systems): rental cost stays unknown (NaN -> null)
+    gpu_hour = price_per_gpu_hour or book.gpu_hour_usd.get(sysm.key, math.nan)
     point = result.best or max(result.frontier, key=lambda c: c.tokens_per_s_per_gpu)
     econ = economics(
         point.tokens_per_s_per_gpu,
@@ -167,7 +168,9 @@ def _run_plan(
     if price_per_gpu_hour is not None:
         note = source = "--price-per-gpu-hour"
     else:
-        note, source = book.gpu_hour_note[sysm.key], book.gpu_hour_source[sysm.key]
+        missing = "no default price for this system; pass --price-per-gpu-hour"
+        note = book.gpu_hour_note.get(sysm.key, missing)
+        source = book.gpu_hour_source.get(sysm.key, missing)
     return result, {"point": point, "econ": econ, "gpu_hour_note": note, "gpu_hour_source": source}
 
 
@@ -268,6 +271,10 @@ def _write_csv(result, econ: dict, path: Path) -> None:
             w.writerow(row)
 
 
+def _usd(v: float, digits: int) -> str:
+    return f"${v:,.{digits}f}" if math.isfinite(v) else "n/a"
+
+
 def _print_plan(result, econ: dict, top: int) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -334,7 +341,7 @@ def _print_plan(result, econ: dict, top: int) -> None:
             f"{c.tokens_per_s_per_user:,.1f}",
             f"{c.tokens_per_s_per_gpu:,.0f}",
             f"{c.tokens_per_s_per_mw / 1e6:.2f}M",
-            f"{usd_per_mtok(c.tokens_per_s_per_gpu, gpu_hour):.3f}",
+            _usd(usd_per_mtok(c.tokens_per_s_per_gpu, gpu_hour), 3),
             "[green]yes[/]" if ok else "[red]no[/]",
             style="bold" if c is result.best else None,
         )
@@ -360,9 +367,9 @@ def _print_plan(result, econ: dict, top: int) -> None:
     et.add_column("item")
     et.add_column("value", justify="right")
     et.add_row(
-        "price per GPU-hour", f"${e.usd_per_gpu_hour:.2f}  ({escape(econ['gpu_hour_note'])})"
+        "price per GPU-hour", f"{_usd(e.usd_per_gpu_hour, 2)}  ({escape(econ['gpu_hour_note'])})"
     )
-    et.add_row("rental cost per million tokens", f"${e.usd_per_mtok:.4f}")
+    et.add_row("rental cost per million tokens", _usd(e.usd_per_mtok, 4))
     et.add_row(
         f"electricity per million tokens (${e.usd_per_kwh:.3f}/kWh, PUE {e.pue:g})",
         f"${e.energy_usd_per_mtok:.4f}",
