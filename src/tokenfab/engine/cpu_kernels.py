@@ -245,6 +245,7 @@ void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int T, int I) {
     for (int t = 0; t < T; t++) {
         const uint16_t *g = gu + (int64_t)t * 2 * I, *u = g + I;
         uint16_t *o = out + (int64_t)t * I;
+        #pragma omp simd
         for (int i = 0; i < I; i++) {
             const float a = bf2f(g[i]);
             o[i] = f2bf(a / (1.f + expf(-a)) * bf2f(u[i]));
@@ -273,7 +274,16 @@ void rope_bf16(uint16_t *x, int64_t xs, int nh, int D, const int64_t *positions,
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffast-math",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-std=c11",
+]
 _lock = threading.Lock()
 _cached: dict[str, Any] = {}
 
