@@ -93,3 +93,12 @@ def test_fused_elementwise_ops() -> None:
     KERNELS.rope(q, pos, full_cos, full_sin)
     torch.testing.assert_close(q, expected, atol=2e-2, rtol=1e-2)
     assert torch.equal(qkv[:, 64:], untouched)
+
+
+def test_logits_candidates() -> None:
+    assert KERNELS is not None
+    logits = torch.tensor([[1.0, 25.25, 25.25, 24.0, -3.0], [0.1, 0.2, -0.5, 0.3, 0.0]]).bfloat16()
+    out, rows, cols = KERNELS.logits_candidates(logits, 2.0**-5)
+    assert torch.equal(out, logits.float())
+    # row 0: within 25.25 * 2**-5 ~ 0.79 of the max; row 1: within 1 * 2**-5 of 0.3
+    assert list(zip(rows.tolist(), cols.tolist(), strict=True)) == [(0, 1), (0, 2), (1, 3)]

@@ -128,6 +128,24 @@ static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uin
 
 int has_bf16_simd(void) { return HAVE_BF16_SIMD; }
 
+/* bf16 logits [S, V] -> float32 out [S, V], and per row the ids (at most maxc) whose logit is
+   within max(|row max|, 1) * rel of the row maximum: the candidates worth recomputing exactly. */
+void logits_candidates_bf16(const uint16_t *in, float *out, int S, int V, float rel,
+                            int64_t *cand, int maxc, int64_t *counts) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < S; r++) {
+        const uint16_t *x = in + (int64_t)r * V;
+        float *o = out + (int64_t)r * V;
+        float mx = -INFINITY;
+        for (int v = 0; v < V; v++) { const float f = bf2f(x[v]); o[v] = f; mx = f > mx ? f : mx; }
+        const float thr = mx - (fabsf(mx) > 1.f ? fabsf(mx) : 1.f) * rel;
+        int c = 0;
+        for (int v = 0; v < V && c < maxc; v++)
+            if (o[v] >= thr) cand[(int64_t)r * maxc + c++] = v;
+        counts[r] = c;
+    }
+}
+
 /* Store new K/V rows (T tokens, each `row` contiguous elements at a row stride) at slots. */
 void write_kv(const void *k, int64_t ks, const void *v, int64_t vs, void *kc, void *vc,
               const int64_t *slots, int T, int row, int elsize) {
@@ -323,6 +341,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.silu_mul_bf16.argtypes = [p, p, i32, i32]
     lib.rope_bf16.argtypes = [p, i64, i32, i32, p, p, p, i32]
     lib.write_kv.argtypes = [p, i64, p, i64, p, p, p, i32, i32, i32]
+    lib.logits_candidates_bf16.argtypes = [p, p, i32, i32, f32, p, i32, p]
+    lib.logits_candidates_bf16.restype = None
     lib.has_bf16_simd.argtypes = []
     lib.has_bf16_simd.restype = ctypes.c_int
     for f in (
@@ -436,6 +456,23 @@ class CpuKernels:
             kvh * d,
             k.element_size(),
         )
+
+    def logits_candidates(
+        self, logits: torch.Tensor, rel: float, max_candidates: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """bf16 logits [S, V] -> (float32 logits, row ids, column ids) of the candidates within
+        `rel` (relative to the row maximum, at least 1) of each row's maximum."""
+        s, v = logits.shape
+        assert logits.dtype == torch.bfloat16 and logits.is_contiguous()
+        out = torch.empty((s, v), dtype=torch.float32)
+        cand = torch.empty((s, max_candidates), dtype=torch.int64)
+        counts = torch.empty((s,), dtype=torch.int64)
+        self.lib.logits_candidates_bf16(
+            _ptr(logits), _ptr(out), s, v, rel, _ptr(cand), max_candidates, _ptr(counts)
+        )
+        keep = torch.arange(max_candidates)[None, :] < counts[:, None]
+        rows = torch.arange(s).repeat_interleave(counts)
+        return out, rows, cand[keep]
 
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float

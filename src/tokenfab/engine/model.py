@@ -325,10 +325,15 @@ class CausalLM(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm.eps) * w
         head = self.lm_head if self.lm_head_packed is None else self.lm_head_packed
-        logits = head(h.to(x.dtype)).float()
-        top = logits.max(dim=-1, keepdim=True).values
-        tol = top.abs().clamp(min=1.0) * 2.0**-5  # 4 bfloat16 steps at the top value
-        rows, cols = torch.nonzero(logits >= top - tol, as_tuple=True)
+        low = head(h.to(x.dtype))
+        rel = 2.0**-5  # several bfloat16 steps (2**-8 relative) below the row maximum
+        if self.kernels is not None and low.dtype == torch.bfloat16 and low.is_contiguous():
+            logits, rows, cols = self.kernels.logits_candidates(low, rel)
+        else:
+            logits = low.float()
+            top = logits.max(dim=-1, keepdim=True).values
+            tol = top.abs().clamp(min=1.0) * rel
+            rows, cols = torch.nonzero(logits >= top - tol, as_tuple=True)
         exact = (h[rows] * self.lm_head.weight[cols].float()).sum(-1)
         logits[rows, cols] = exact
         return logits
