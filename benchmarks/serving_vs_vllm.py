@@ -43,7 +43,7 @@ def server_command(name: str, model: Path, port: int) -> tuple[list[str], dict[s
         return [str(exe), "serve", "--model", str(model), *common], dict(os.environ)
     py = _peers.ensure_vllm_venv()
     flags = ["--max-num-seqs", "256", "--max-num-batched-tokens", "4096"]
-    if os.environ.get("TOKENFAB_VLLM_EAGER", "1") == "1":
+    if os.environ.get("TOKENFAB_VLLM_EAGER", "0") == "1":
         flags.append("--enforce-eager")
     return [str(py), "-c", VLLM_CLI, "serve", str(model), *common, *flags], _peers.vllm_env()
 
