@@ -12,6 +12,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,6 +211,17 @@ class LLMEngine:
     @property
     def num_requests(self) -> int:
         return len(self._seqs)
+
+    @property
+    def stats_steps(self) -> int:
+        """Steps that ran (scheduled at least one token)."""
+        return self._steps
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (only when idle); emits AllBlocksCleared."""
+        done = self.kv.reset_prefix_cache()
+        self.kv.flush_events()
+        return done
 
     # ------------------------------------------------------------------ one step
 
@@ -515,7 +527,12 @@ class AsyncEngine:
                 self._handle(engine, cmd, outputs)
             if engine.has_unfinished():
                 try:
+                    steps_before = engine.stats_steps
                     outputs.extend(engine.step())
+                    if engine.stats_steps == steps_before:
+                        # Nothing could be scheduled (should not happen: any single request
+                        # fits the pool); do not spin.
+                        time.sleep(0.005)
                 except Exception as e:  # a bug outside the model: fail all, keep the loop
                     log.exception("engine loop error")
                     outputs.extend(engine.fail_all(f"engine error: {e}"))

@@ -46,7 +46,8 @@ class RequestOutput:
 
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", **overrides: Any) -> None:
-        config = EngineConfig(model=model, dtype=dtype)  # type: ignore[arg-type]
+        # Offline batches queue everything up front: no waiting-queue cap unless asked for.
+        config = EngineConfig(model=model, dtype=dtype, max_waiting=1 << 62)  # type: ignore[arg-type]
         for key, value in overrides.items():
             if not hasattr(config, key):
                 raise TypeError(f"unknown engine setting {key!r}")
