@@ -114,3 +114,13 @@ async def test_close_deregisters(setup) -> None:
     rt, worker = setup
     await worker.close()
     assert await rt.instances(WORKER_COMPONENT) == []
+
+
+async def test_a_dead_engine_leaves_discovery(setup) -> None:
+    rt, worker = setup
+    await worker.engine.shutdown()
+    for _ in range(200):  # bounded: the load loop notices within one interval (0.05 s)
+        if not await rt.instances(WORKER_COMPONENT):
+            break
+        await asyncio.sleep(0.02)
+    assert await rt.instances(WORKER_COMPONENT) == []

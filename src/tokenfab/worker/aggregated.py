@@ -140,6 +140,13 @@ class AggregatedWorker:
 
     async def _publish_load(self) -> None:
         while True:
+            if not getattr(self.engine, "is_running", True):
+                # A dead engine must stop attracting requests: leave discovery.
+                log.error("engine of %s is not running; deregistering", self.worker_id)
+                if self._registration is not None:
+                    await self._registration.close()
+                    self._registration = None
+                return
             try:
                 await self.runtime.publish(
                     LOAD_TOPIC, load_report(self.worker_id, self.engine.stats())
