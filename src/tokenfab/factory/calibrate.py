@@ -34,6 +34,8 @@ COMMON_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("decode_attn_eff", 0.02, 0.9),
     ("moe_prefill_us", 1.0, 5000.0),
     ("expert_us", 0.01, 50.0),
+    ("mla_prefill_us", 1.0, 5000.0),
+    ("linear_prefill_us", 1.0, 5000.0),
     ("link_eff", 0.1, 0.95),
     ("scaleout_lat_us", 1.0, 500.0),
     ("fp4_flops_scale", 0.2, 1.0),
@@ -208,7 +210,7 @@ def levenberg_marquardt(
     lo = np.log([b[0] for b in bounds])
     hi = np.log([b[1] for b in bounds])
     y0 = np.clip(np.log(x0), lo, hi)
-    y, lam, h, prior = y0.copy(), 1e-2, 0.02, 0.03
+    y, lam, h, prior = y0.copy(), 1e-2, 0.02, 0.005
     best = obj(np.exp(y))
     for it in range(iters):
         te, pe = obj.errors(np.exp(y))

@@ -95,6 +95,8 @@ class Calibration:
     layer_us: float = 30.0  # fixed kernel overheads per layer of a decode step (CUDA graphs)
     prefill_layer_us: float = 200.0  # per layer of a step carrying prefill (eager launches)
     moe_prefill_us: float = 200.0  # extra per MoE layer in such a step (routing syncs, permutes)
+    mla_prefill_us: float = 200.0  # extra per MLA layer in such a step (latent up-projection)
+    linear_prefill_us: float = 200.0  # extra per linear-attention layer (chunked scan)
     step_ms: float = 0.5  # fixed per-step overhead (scheduler, sampling, launch)
     fp4_flops_scale: float = 0.6  # achieved fp4 rate relative to the fp8 kernels' fraction
     expert_us: float = 0.5  # fixed cost per touched expert per MoE layer on a GPU
@@ -250,7 +252,16 @@ def step_time(
     vp = m.vocab * h / tp
     total += _gemm(2 * rows * vp, vp * hw.wbytes, rows, vp, hw.flops, bw, cal)
     if w.prefill:
-        total += (m.num_layers * cal.prefill_layer_us + m.n_moe_layers * cal.moe_prefill_us) * 1e-6
+        # eager launches per layer; MoE routing syncs/permutes; MLA prefill decompresses the
+        # latent KV and splits/ropes/requantizes it in extra kernels; linear attention runs
+        # chunked-scan kernels
+        mla = m.n_softmax_attn if m.attention == "mla" else 0
+        total += (
+            m.num_layers * cal.prefill_layer_us
+            + m.n_moe_layers * cal.moe_prefill_us
+            + mla * cal.mla_prefill_us
+            + m.n_linear_attn * cal.linear_prefill_us
+        ) * 1e-6
     else:
         total += m.num_layers * cal.layer_us * 1e-6
     return total + cal.step_ms * 1e-3
