@@ -33,6 +33,7 @@ from tokenfab.engine.runner import Runner, StepBatch
 from tokenfab.engine.sampler import Sampler, SampleRow, make_generator
 from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenfab.engine.sequence import Sequence
+from tokenfab.engine.threads import ThreadTuner, available_cpus
 from tokenfab.protocol import GenerateOutput, GenerateRequest, PositionLogprobs
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,13 @@ class LLMEngine:
             clock or MonotonicClock(),
         )
         self.sampler = Sampler(config.seed)
+        # Thread count measured per step unless fixed by the user (see threads.py).
+        cpus = available_cpus()
+        self._tuner = (
+            ThreadTuner(cpus)
+            if config.num_threads is None and config.device == "cpu" and cpus > 1
+            else None
+        )
         self._seqs: dict[str, Sequence] = {}
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -213,6 +221,11 @@ class LLMEngine:
         return len(self._seqs)
 
     @property
+    def num_threads(self) -> int:
+        """The intra-op thread count steps currently run with."""
+        return self._tuner.current if self._tuner else torch.get_num_threads()
+
+    @property
     def stats_steps(self) -> int:
         """Steps that ran (scheduled at least one token)."""
         return self._steps
@@ -234,7 +247,7 @@ class LLMEngine:
         self._steps += 1
         failed: list[GenerateOutput] = []
         try:
-            logits = self.runner.execute(sched.batch)
+            logits = self._execute(sched)
         except Exception:
             log.exception(
                 "step of %d sequences failed; retrying them one by one", len(sched.scheduled)
@@ -244,6 +257,19 @@ class LLMEngine:
         outputs = self._sample_and_advance(sched, logits)
         self.kv.flush_events()
         return failed + outputs
+
+    def _execute(self, sched: SchedulerOutput) -> torch.Tensor:
+        tuner = self._tuner
+        if tuner is None:
+            return self.runner.execute(sched.batch)
+        work = sched.num_batched_tokens
+        n = tuner.threads_for_next_step(work)
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        t0 = time.perf_counter()
+        logits = self.runner.execute(sched.batch)
+        tuner.record(time.perf_counter() - t0, work)
+        return logits
 
     def _isolate_failure(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[GenerateOutput]]:
         """Re-run each chunk of a failed step on its own (rewriting the same K/V positions is

@@ -1,0 +1,89 @@
+"""Choose torch's intra-op thread count by measuring steps.
+
+On a CPU shared with other busy processes, every parallel region waits at its barrier for the
+slowest thread; a descheduled thread turns a 30 microsecond add into milliseconds, and two
+threads can be 10x slower than one (measured here: a 64-sequence decode step of SmolLM2-135M
+took ~1.5 s with 2 threads and ~80 ms with 1 while five other jobs ran). On a quiet machine
+more threads win. So the engine measures: it runs with the most threads, and now and then
+runs one step with another count; a probe that is faster per token than the recent steps at
+the current count (by a margin) becomes the new count. Losing probes back off exponentially,
+so a settled choice costs little. Comparisons are between adjacent steps, whose batches are
+alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class ThreadTuner:
+    max_threads: int
+    first_probe: int = 4
+    """Steps before the first probe."""
+    min_interval: int = 16
+    max_interval: int = 512
+    margin: float = 0.15
+    current: int = field(init=False)
+    _recent: deque[tuple[int, float]] = field(init=False)
+    """(work, seconds per token) of the latest steps at the current count."""
+    _interval: dict[int, int] = field(init=False)
+    _next_probe: dict[int, int] = field(init=False)
+    _step: int = field(init=False, default=0)
+    _probing: int | None = field(init=False, default=None)
+    _last_work: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.current = self.max_threads
+        self._recent = deque(maxlen=8)
+        others = [n for n in (1, self.max_threads // 2, self.max_threads) if n != self.current]
+        self._interval = {n: self.min_interval for n in set(others) if n >= 1}
+        self._next_probe = {n: self.first_probe for n in self._interval}
+
+    def threads_for_next_step(self, work: int) -> int:
+        """Thread count to run the coming step with (work: its batched tokens)."""
+        self._step += 1
+        self._probing = None
+        if len(self._baseline(work)) >= 2 and _alike(work, self._last_work):
+            due = [n for n, at in self._next_probe.items() if self._step >= at]
+            if due:
+                self._probing = min(due, key=lambda n: self._next_probe[n])
+        self._last_work = work
+        return self._probing if self._probing is not None else self.current
+
+    def record(self, seconds: float, work: int) -> None:
+        """Report how long the step took."""
+        cost = seconds / max(work, 1)
+        n = self._probing
+        if n is None:
+            self._recent.append((work, cost))
+            return
+        alike = sorted(self._baseline(work))
+        baseline = alike[len(alike) // 2]
+        if cost < baseline * (1.0 - self.margin):
+            # The probe won: switch, and give the old count a fresh chance later.
+            old = self.current
+            self.current = n
+            del self._interval[n], self._next_probe[n]
+            self._interval[old] = self.min_interval
+            self._next_probe[old] = self._step + self.min_interval
+            self._recent.clear()
+        else:
+            self._interval[n] = min(self._interval[n] * 2, self.max_interval)
+            self._next_probe[n] = self._step + self._interval[n]
+
+    def _baseline(self, work: int) -> list[float]:
+        return [c for w, c in self._recent if _alike(w, work)]
+
+
+def _alike(a: int, b: int) -> bool:
+    return b > 0 and max(a, b) <= 2 * min(a, b)
