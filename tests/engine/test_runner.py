@@ -156,3 +156,19 @@ def test_fast_cpu_path_matches_plain_torch(tiny_models: dict[str, Path]) -> None
     scale = outs[1].abs().max()
     assert (outs[0] - outs[1]).abs().max() < 0.03 * scale
     assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+def test_equal_length_fresh_prompts_batched(tiny_models: dict[str, Path]) -> None:
+    """Fresh prompts of one length share one causal attention call; each must still only see
+    itself."""
+    path = tiny_models["llama"]
+    runner = TorchRunner(load_model(path, dtype="float32"), num_blocks=16, block_size=BLOCK)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 500, (20,), generator=gen).tolist() for _ in range(3)]
+    tables = [[0, 1], [2, 3], [4, 5]]
+    out = runner.execute(
+        StepBatch([SeqChunk(p, 0, t, sample=True) for p, t in zip(prompts, tables, strict=True)])
+    )
+    hf = _hf(path)
+    for row, p in zip(out, prompts, strict=True):
+        torch.testing.assert_close(row, _hf_logits(hf, p)[-1], atol=2e-5, rtol=1e-5)

@@ -149,26 +149,39 @@ def paged_attention(
             qd, kd, vd, attn_mask=meta.decode_mask(window), scale=scale
         )
         out[:nd] = od.view(nd, num_heads, hd)
-    for i, span in enumerate(meta.prefills):
-        rows = slice(span.row, span.row + span.n)
-        qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
+    i = 0
+    spans = meta.prefills
+    while i < len(spans):
+        span = spans[i]
         if span.start_pos == 0 and window is None:
-            kp = k[rows].transpose(0, 1).unsqueeze(0)
-            vp = v[rows].transpose(0, 1).unsqueeze(0)
+            # Fresh prompts of equal length in consecutive rows: one batched causal call.
+            j = i + 1
+            while (
+                j < len(spans)
+                and spans[j].start_pos == 0
+                and spans[j].n == span.n
+                and spans[j].row == span.row + (j - i) * span.n
+            ):
+                j += 1
+            rows = slice(span.row, span.row + (j - i) * span.n)
+            shape = (j - i, span.n)
+            qp = q[rows].view(*shape, num_heads, hd).transpose(1, 2)
+            kp = k[rows].view(*shape, kvh, hd).transpose(1, 2)
+            vp = v[rows].view(*shape, kvh, hd).transpose(1, 2)
             op = F.scaled_dot_product_attention(
                 qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True
             )
-        else:
-            length = span.start_pos + span.n
-            kp = _gather(k_cache, span.block_table)[:, :length].unsqueeze(0)
-            vp = _gather(v_cache, span.block_table)[:, :length].unsqueeze(0)
-            op = F.scaled_dot_product_attention(
-                qp,
-                kp,
-                vp,
-                attn_mask=meta.prefill_mask(i, window),
-                scale=scale,
-                enable_gqa=True,
-            )
+            out[rows] = op.transpose(1, 2).reshape(-1, num_heads, hd)
+            i = j
+            continue
+        rows = slice(span.row, span.row + span.n)
+        qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
+        length = span.start_pos + span.n
+        kp = _gather(k_cache, span.block_table)[:, :length].unsqueeze(0)
+        vp = _gather(v_cache, span.block_table)[:, :length].unsqueeze(0)
+        op = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=meta.prefill_mask(i, window), scale=scale, enable_gqa=True
+        )
         out[rows] = op[0].transpose(0, 1)
+        i += 1
     return out.view(t, num_heads * hd)

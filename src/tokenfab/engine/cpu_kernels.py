@@ -64,7 +64,7 @@ static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uin
         for (int c = 0; c < nq; c++)
             qb[g][c] = (__m512bh)_mm512_loadu_si512((const void *)(q + g * D + c * 32));
         for (int c = 0; c < nv; c++) acc[g][c] = _mm512_setzero_ps();
-        m[g] = -INFINITY; l[g] = 0.f;
+        m[g] = -1e30f; l[g] = 0.f;
     }
     for (int64_t t0 = (first / BS) * BS; t0 <= p; t0 += BS) {
         const int64_t blk = bt[t0 / BS];
@@ -121,6 +121,117 @@ static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uin
         }
     }
 }
+/* e^x for x <= 0-ish, Cephes expf polynomial with scalef; inputs below -87 give ~0. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Horizontal sums of 16 vectors at once: lane k of the result = sum of v[k]'s 16 lanes. */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 x[8], z[4];
+    for (int i = 0; i < 8; i++)
+        x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+        z[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
+                                     _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88),
+                                     _mm512_shuffle_f32x4(z[2], z[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88),
+                         _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+/* The same as attn_item_bf16_simd for 16-token blocks, a block's 16 scores per head as one
+   vector: no per-key horizontal reduction, vectorized exp. */
+static void attn_item_bf16_b16(const uint16_t *q, const uint16_t *kc, const uint16_t *vc,
+                               const int64_t *bt, int64_t p, int64_t first, uint16_t *out,
+                               int G, int KVH, int kh, int D, float scale) {
+    __m512bh qb[MAXG][MAXD / 32];
+    __m512 acc[MAXG][MAXD / 16];
+    float m[MAXG], l[MAXG];
+    float pa[MAXG][16] __attribute__((aligned(64)));
+    const int nq = D / 32, nv = D / 16;
+    for (int g = 0; g < G; g++) {
+        for (int c = 0; c < nq; c++)
+            qb[g][c] = (__m512bh)_mm512_loadu_si512((const void *)(q + g * D + c * 32));
+        for (int c = 0; c < nv; c++) acc[g][c] = _mm512_setzero_ps();
+        m[g] = -1e30f; l[g] = 0.f;
+    }
+    const __m512 vscale = _mm512_set1_ps(scale), neg = _mm512_set1_ps(-1e30f);
+    for (int64_t t0 = (first / 16) * 16; t0 <= p; t0 += 16) {
+        const int64_t blk = bt[t0 / 16];
+        const int i0 = (int)(t0 < first ? first - t0 : 0);
+        const int i1 = (int)(t0 + 15 < p ? 15 : p - t0);
+        const __mmask16 valid = (__mmask16)(((1u << (i1 + 1)) - 1u) & ~((1u << i0) - 1u));
+        const int64_t base = blk * 16 * KVH + kh;
+        if (t0 + 16 <= p) {
+            const int64_t nb = bt[t0 / 16 + 1] * 16 * KVH + kh;
+            for (int i = 0; i < 16; i++)
+                for (int c = 0; c < D * 2; c += 64) {
+                    _mm_prefetch((const char *)(kc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(vc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
+                }
+        }
+        __m512 dots[MAXG][16];
+        for (int i = 0; i < 16; i++) {
+            const uint16_t *kr = kc + (base + (int64_t)i * KVH) * D;
+            __m512bh kb[MAXD / 32];
+            for (int c = 0; c < nq; c++)
+                kb[c] = (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32));
+            for (int g = 0; g < G; g++) {
+                __m512 d = _mm512_setzero_ps();
+                for (int c = 0; c < nq; c++) d = _mm512_dpbf16_ps(d, qb[g][c], kb[c]);
+                dots[g][i] = d;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const __m512 sc = _mm512_mask_blend_ps(valid, neg, _mm512_mul_ps(hsum16(dots[g]), vscale));
+            const float bmax = _mm512_reduce_max_ps(sc);
+            const float mx = bmax > m[g] ? bmax : m[g];
+            const float corr = expf(m[g] - mx);
+            const __m512 pr = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(mx))));
+            l[g] = l[g] * corr + _mm512_reduce_add_ps(pr);
+            m[g] = mx;
+            if (corr != 1.f) {
+                const __m512 cv = _mm512_set1_ps(corr);
+                for (int c = 0; c < nv; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
+            }
+            _mm512_store_ps(pa[g], pr);
+        }
+        for (int i = i0; i <= i1; i++) {
+            const uint16_t *vr = vc + (base + (int64_t)i * KVH) * D;
+            for (int c = 0; c < nv; c++) {
+                const __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr + c * 16))), 16));
+                for (int g = 0; g < G; g++)
+                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(pa[g][i]), vf, acc[g][c]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const __m512 inv = _mm512_set1_ps(1.f / l[g]);
+        for (int c = 0; c < nv; c++) {
+            const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], inv));
+            _mm256_storeu_si256((__m256i *)(out + g * D + c * 16), (__m256i)r);
+        }
+    }
+}
 #define HAVE_BF16_SIMD 1
 #else
 #define HAVE_BF16_SIMD 0
@@ -136,7 +247,7 @@ void logits_candidates_bf16(const uint16_t *in, float *out, int S, int V, float 
     for (int r = 0; r < S; r++) {
         const uint16_t *x = in + (int64_t)r * V;
         float *o = out + (int64_t)r * V;
-        float mx = -INFINITY;
+        float mx = -3e38f;
         for (int v = 0; v < V; v++) { const float f = bf2f(x[v]); o[v] = f; mx = f > mx ? f : mx; }
         const float thr = mx - (fabsf(mx) > 1.f ? fabsf(mx) : 1.f) * rel;
         int c = 0;
@@ -169,6 +280,13 @@ void paged_decode_attention(const void *q, int64_t q_stride, const void *kc, con
         if (is_bf16 && D % 32 == 0) {
             const int64_t pp = pos[b];
             const int64_t fst = window > 0 && pp - window + 1 > 0 ? pp - window + 1 : 0;
+            if (BS == 16) {
+                attn_item_bf16_b16((const uint16_t *)q + (int64_t)b * q_stride + (int64_t)kh * G * D,
+                                   (const uint16_t *)kc, (const uint16_t *)vc, bt + (int64_t)b * MAXB,
+                                   pp, fst, (uint16_t *)out + ((int64_t)b * H + kh * G) * D,
+                                   G, KVH, kh, D, scale);
+                continue;
+            }
             attn_item_bf16_simd((const uint16_t *)q + (int64_t)b * q_stride + (int64_t)kh * G * D,
                                 (const uint16_t *)kc, (const uint16_t *)vc, bt + (int64_t)b * MAXB,
                                 pp, fst, (uint16_t *)out + ((int64_t)b * H + kh * G) * D,
@@ -183,7 +301,7 @@ void paged_decode_attention(const void *q, int64_t q_stride, const void *kc, con
                 qf[g][d] = (is_bf16 ? bf2f(((const uint16_t *)q)[off + d])
                                     : ((const float *)q)[off + d]) * scale;
             for (int d = 0; d < D; d++) acc[g][d] = 0.f;
-            m[g] = -INFINITY; l[g] = 0.f;
+            m[g] = -1e30f; l[g] = 0.f;
         }
         const int64_t p = pos[b];
         const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
