@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenfab.engine.gguf_convert import display_name, unpermute_rope
-from tokenfab.engine.loader import default_gguf_path, load_model, resolve_model
+from tokenfab.engine.loader import LoadedModel, default_gguf_path, load_model, resolve_model
 from tokenfab.engine.runner import SeqChunk, StepBatch, TorchRunner
 
 PARIS_TOKENS = [504, 3575, 282, 4649, 314, 7042, 30, 2]
@@ -42,6 +42,11 @@ def smollm_dir() -> Path:
     return resolve_model(None)
 
 
+@pytest.fixture(scope="module")
+def smollm_fp32(smollm_dir: Path) -> LoadedModel:
+    return load_model(smollm_dir, dtype="float32")
+
+
 @pytest.mark.slow
 def test_converted_folder_is_complete_and_cached(smollm_dir: Path) -> None:
     assert default_gguf_path().is_file()
@@ -51,10 +56,12 @@ def test_converted_folder_is_complete_and_cached(smollm_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_runner_matches_transformers_on_converted_folder(smollm_dir: Path) -> None:
+def test_runner_matches_transformers_on_converted_folder(
+    smollm_dir: Path, smollm_fp32: LoadedModel
+) -> None:
     from transformers import AutoModelForCausalLM
 
-    loaded = load_model(smollm_dir, dtype="float32")
+    loaded = smollm_fp32
     assert loaded.name == "SmolLM2-135M-Instruct"
     assert loaded.config.eos_token_ids == [2]
     assert loaded.config.native_dtype == torch.bfloat16
@@ -69,8 +76,8 @@ def test_runner_matches_transformers_on_converted_folder(smollm_dir: Path) -> No
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_default_model_knows_paris(smollm_dir: Path, dtype: str) -> None:
-    loaded = load_model(None, dtype=dtype)
+def test_default_model_knows_paris(smollm_fp32: LoadedModel, dtype: str) -> None:
+    loaded = smollm_fp32 if dtype == "float32" else load_model(None, dtype=dtype)
     tok = loaded.tokenizer
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],

@@ -206,6 +206,7 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h = self.input_norm(x)
         q, k, v = self._split_qkv(self.qkv(h), t)
+        assert step.cos is not None and step.sin is not None
         q = _rotate(q, step.cos, step.sin)
         k = _rotate(k, step.cos, step.sin)
         attn = paged_attention(
@@ -254,9 +255,9 @@ class StepInputs:
 
     positions: torch.Tensor
     meta: AttentionMetadata
-    cos: torch.Tensor
-    """Per-token cos [T, 1, D] in the model dtype (torch path)."""
-    sin: torch.Tensor
+    cos: torch.Tensor | None
+    """Per-token cos [T, 1, D] in the model dtype (torch path only)."""
+    sin: torch.Tensor | None
     cos_table: torch.Tensor
     """Full float32 tables [max_positions, D] (fused path)."""
     sin_table: torch.Tensor
@@ -297,8 +298,8 @@ class CausalLM(nn.Module):
         step = StepInputs(
             positions=positions,
             meta=meta,
-            cos=self.rope_cos[positions].to(x.dtype)[:, None, :] if fused is None else x,
-            sin=self.rope_sin[positions].to(x.dtype)[:, None, :] if fused is None else x,
+            cos=None if fused else self.rope_cos[positions].to(x.dtype)[:, None, :],
+            sin=None if fused else self.rope_sin[positions].to(x.dtype)[:, None, :],
             cos_table=self.rope_cos,
             sin_table=self.rope_sin,
             kernels=self.kernels,
