@@ -438,4 +438,20 @@ def build_model(
         from tokenfab.engine import cpu_kernels
 
         model.kernels = cpu_kernels.load()
+    del state, converted
+    _release_freed_memory()
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand the loader's freed temporaries back to the OS (glibc keeps freed heap otherwise;
+    measured ~140 MB of resident memory for SmolLM2)."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(name).malloc_trim(0)
