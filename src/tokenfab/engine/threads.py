@@ -30,8 +30,8 @@ class ThreadTuner:
     max_threads: int
     first_probe: int = 4
     """Steps before the first probe."""
-    min_interval: int = 16
-    max_interval: int = 512
+    min_interval: int = 32
+    max_interval: int = 2048
     margin: float = 0.15
     current: int = field(init=False)
     _recent: deque[tuple[int, float]] = field(init=False)
@@ -78,7 +78,7 @@ class ThreadTuner:
             self._next_probe[old] = self._step + self.min_interval
             self._recent.clear()
         else:
-            self._interval[n] = min(self._interval[n] * 2, self.max_interval)
+            self._interval[n] = min(self._interval[n] * 4, self.max_interval)
             self._next_probe[n] = self._step + self._interval[n]
 
     def _baseline(self, work: int) -> list[float]:
