@@ -34,13 +34,14 @@ CHECK_TOKENS = 16  # compared across engines: greedy agreement on request 0
 def _child_tokenfab(model: str, prompts: list[list[int]], out_len: int) -> dict:
     from tokenfab import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="bfloat16")
+    overrides = json.loads(os.environ.get("TOKENFAB_ENGINE_OVERRIDES", "{}"))
+    llm = LLM(model=model, dtype="bfloat16", **overrides)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t
-    return _result(dt, [list(o.token_ids) for o in outs])
+    return _result(dt, [list(o.token_ids) for o in outs], overrides)
 
 
 def _vllm_kwargs() -> dict:
@@ -122,7 +123,9 @@ def make_prompts(model: Path, n: int, length: int, seed: int) -> list[list[int]]
     return [next(gen).prompt for _ in range(n)]
 
 
-def run_engine(engine: str, model: Path, prompts_file: Path, out_len: int) -> dict:
+def run_engine(
+    engine: str, model: Path, prompts_file: Path, out_len: int, overrides: dict | None = None
+) -> dict:
     import _peers
 
     me = str(Path(__file__).resolve())
@@ -132,6 +135,8 @@ def run_engine(engine: str, model: Path, prompts_file: Path, out_len: int) -> di
         cmd, env = [str(_peers.ensure_vllm_venv()), *args], _peers.vllm_env()
     else:
         cmd, env = [sys.executable, *args], dict(os.environ)
+        if engine == "tokenfab" and overrides:
+            env["TOKENFAB_ENGINE_OVERRIDES"] = json.dumps(overrides)
     load = _peers.machine_load()
     _peers.log(f"running {LABELS[engine]} ({load})")
     child = _peers.run_child(cmd, env, timeout_s=1800)
@@ -145,6 +150,19 @@ def run_engine(engine: str, model: Path, prompts_file: Path, out_len: int) -> di
     if engine == "vllm":
         res["env"] = _peers.vllm_env_summary(env)
     return res
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--tokenfab-option wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
@@ -219,6 +237,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(ENGINES), help="comma list of tokenfab,vllm,hf")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument(
+        "--tokenfab-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="EngineConfig override for tokenfab's LLM (JSON value), e.g. num_threads=1",
+    )
     ap.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -237,8 +262,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pfile = Path(tmp) / "prompts.json"
         pfile.write_text(json.dumps(prompts))
+        overrides = parse_overrides(args.tokenfab_option)
         for engine in engines:
-            results[engine] = run_engine(engine, model, pfile, args.output_len)
+            results[engine] = run_engine(engine, model, pfile, args.output_len, overrides)
     doc = {
         "workload": {
             "requests": args.num_requests,
