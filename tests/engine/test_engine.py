@@ -102,6 +102,8 @@ def test_validation_errors_carry_numbers_and_change_nothing(loaded: Any) -> None
         engine.add_request(req("b", []))
     with pytest.raises(InvalidRequestError, match=r"token id 100000 at position 1 .* \(size 512\)"):
         engine.add_request(req("c", [5, 100000]))
+    with pytest.raises(InvalidRequestError, match=r"stop_token_ids \[600\]"):
+        engine.add_request(req("s", [5], SamplingParams(stop_token_ids=[600])))
     with pytest.raises(InvalidRequestError, match="top_p"):
         engine.add_request(req("d", [5], SamplingParams(top_p=0.0)))
     assert not engine.has_unfinished()

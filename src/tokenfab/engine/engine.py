@@ -30,7 +30,7 @@ from tokenfab.engine.errors import (
 )
 from tokenfab.engine.kv_cache import EventSink, KVCacheManager, request_extra_keys
 from tokenfab.engine.runner import Runner, StepBatch
-from tokenfab.engine.sampler import Sampler, SampleRow, make_generator
+from tokenfab.engine.sampler import Sampler, SampleResult, SampleRow, make_generator
 from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenfab.engine.sequence import Sequence
 from tokenfab.engine.threads import ThreadTuner, available_cpus
@@ -159,6 +159,11 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt token id {bad[1]} at position {bad[0]} is outside the vocabulary "
                 f"(size {self.vocab_size})"
+            )
+        bad_stop = [t for t in p.stop_token_ids if t >= self.vocab_size]
+        if bad_stop:
+            raise InvalidRequestError(
+                f"stop_token_ids {bad_stop} are outside the vocabulary (size {self.vocab_size})"
             )
         need = n + (p.max_tokens or 1)
         if need > self.max_model_len:
@@ -298,13 +303,21 @@ class LLMEngine:
     ) -> list[GenerateOutput]:
         to_sample = [s.seq for s in sched.scheduled if s.sample]
         rows = [self._sample_row(seq) for seq in to_sample]
-        try:
-            results = self.sampler(logits, rows)
-        except Exception as e:
-            log.exception("sampling failed")
-            return self._fail(to_sample, f"sampling failed: {e}")
         outputs: list[GenerateOutput] = []
+        try:
+            results: list[SampleResult | None] = list(self.sampler(logits, rows))
+        except Exception:
+            log.exception("batched sampling failed; sampling rows one by one")
+            results = []
+            for i, (seq, row) in enumerate(zip(to_sample, rows, strict=True)):
+                try:
+                    results.append(self.sampler(logits[i : i + 1], [row])[0])
+                except Exception as e:
+                    results.append(None)
+                    outputs.extend(self._fail([seq], f"sampling failed: {e}"))
         for seq, res in zip(to_sample, results, strict=True):
+            if res is None:
+                continue
             try:
                 outputs.append(self._advance(seq, res.token_id, res.logprobs))
             except Exception as e:
@@ -537,7 +550,19 @@ class AsyncEngine:
     # ------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
-        engine = self.engine
+        # torch releases the GIL inside ops, so this thread computes while the loop serves.
+        try:
+            self._loop_forever(self.engine)
+        except BaseException as e:  # a bug in the loop itself: fail everyone, refuse new work
+            log.exception("engine thread died")
+            self._dead = f"the engine thread died: {e}"
+            dead = [
+                GenerateOutput(request_id=rid, finish_reason="error", error=self._dead)
+                for rid in list(self._queues)
+            ]
+            self._post(list(dead))
+
+    def _loop_forever(self, engine: LLMEngine) -> None:
         while True:
             # Block only when idle; otherwise take whatever arrived and step.
             commands = [self._inbox.get()] if not engine.has_unfinished() else []
