@@ -172,6 +172,7 @@ class _Progress:
     """A rich progress bar counting finished requests and generated tokens."""
 
     def __init__(self, total: int) -> None:
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -186,6 +187,7 @@ class _Progress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[toks]} tokens"),
             TimeElapsedColumn(),
+            console=Console(stderr=True),  # stdout stays clean for scripts
             transient=True,
         )
         self._task = self._p.add_task("generate", total=total, toks=0)
