@@ -273,7 +273,9 @@ void paged_decode_attention(const void *q, int64_t q_stride, const void *kc, con
                             int B, int H, int KVH, int D, int BS, int MAXB,
                             int window, float scale, int is_bf16) {
     const int G = H / KVH;
-    #pragma omp parallel for schedule(dynamic, 1)
+    /* Chunks of KVH items = one sequence's heads on one core: its blocks hold all heads' rows
+       side by side, so the lines prefetched for one head serve the next from the same L2. */
+    #pragma omp parallel for schedule(dynamic, KVH)
     for (int item = 0; item < B * KVH; item++) {
         const int b = item / KVH, kh = item % KVH;
 #if HAVE_BF16_SIMD
