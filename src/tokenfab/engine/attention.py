@@ -128,7 +128,7 @@ def paged_attention(
     group = num_heads // kvh
     out = torch.empty((t, num_heads, hd), dtype=q.dtype, device=q.device)
     nd = meta.num_decode
-    if nd and kernels is not None:
+    if nd and kernels is not None and k_cache.shape[1] <= 64:  # the kernel's block limit
         assert meta.decode_block_tables is not None and meta.decode_positions is not None
         out[:nd] = kernels.decode_attention(
             q[:nd],

@@ -437,7 +437,12 @@ def build_model(
     if torch.device(device).type == "cpu" and use_kernels:
         from tokenfab.engine import cpu_kernels
 
-        model.kernels = cpu_kernels.load()
+        fits = (
+            cfg.head_dim <= 256
+            and cfg.num_heads // cfg.num_kv_heads <= 32
+            and cfg.hidden_size <= 8192
+        )  # the kernels' fixed per-thread buffers
+        model.kernels = cpu_kernels.load() if fits else None
     del state, converted
     _release_freed_memory()
     return model.eval()
