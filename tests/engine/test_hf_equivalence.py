@@ -98,7 +98,7 @@ def test_greedy_matches_transformers(family: str, tiny_models: dict[str, Path]) 
     assert engine.kv.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_preemption_changes_no_output(family: str, tiny_models: dict[str, Path]) -> None:
     path = tiny_models[family]
     loaded = load_model(path, dtype="float32")
