@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--sweeps", type=int, default=10, help="fit iterations per fold")
     ap.add_argument("--lomo", action="store_true", help="also leave-one-model-out")
+    ap.add_argument("--no-kfold", action="store_true", help="skip the k-fold splits")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -54,10 +55,12 @@ def main() -> None:
 
     t = time.perf_counter()
     report["in_sample (bundled calibration)"] = summarize(predict_cases(cases), rows, len(skipped))
-    splits = {
-        f"random {args.folds}-fold": kfold(cases, args.folds, seed=0),
-        f"grouped {args.folds}-fold by series": kfold(cases, args.folds, seed=0, key=_series),
-    }
+    splits = {}
+    if not args.no_kfold:
+        splits[f"random {args.folds}-fold"] = kfold(cases, args.folds, seed=0)
+        splits[f"grouped {args.folds}-fold by series"] = kfold(
+            cases, args.folds, seed=0, key=_series
+        )
     if args.lomo:
         models = sorted({c.model.name for c in cases})
         splits["leave-one-model-out"] = [models.index(c.model.name) for c in cases]
