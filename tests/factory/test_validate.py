@@ -107,3 +107,15 @@ def test_cross_validation_cli(tmp_path, rows):
     assert set(out) == KEYS and out["predicted"] == 12
     bad = CliRunner().invoke(app, ["validate", "--data", str(f), "--cv", "1"])
     assert bad.exit_code == 2
+
+
+def test_odd_quant_names_and_empty_values_still_predicted(tmp_path, rows):
+    odd = [
+        dict(rows[0], id="w8a8", precision="int8", gemm_quant_mode="w8a8", moe_quant_mode=""),
+        dict(rows[1], id="weird", precision="q3_k_m", gemm_quant_mode="", moe_quant_mode=""),
+        dict(rows[2], id="nomeas", silicon_ttft_ms="", silicon_tpot_ms=""),
+    ]
+    f = _write(tmp_path / "odd.csv", odd)
+    res = CliRunner().invoke(app, ["validate", "--data", str(f), "--json"])
+    out = json.loads(res.output)
+    assert out["predicted"] == 3 and out["skipped"] == 0

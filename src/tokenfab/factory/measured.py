@@ -30,8 +30,21 @@ from tokenfab.factory.perf import Layout
 from tokenfab.factory.serving import AggDeployment, DisaggDeployment
 
 _CONC = re.compile(r"silicon_concurrency=(\d+)")
-_QUANT = {"nvfp4": "fp4", "fp4": "fp4", "mxfp4": "fp4", "fp8": "fp8", "fp8_block": "fp8"}
-_QUANT.update({"int4_wo": "int4", "int4": "int4", "w4a16": "int4", "bf16": "bf16", "fp16": "bf16"})
+_QUANT = {"nvfp4": "fp4", "fp4": "fp4", "mxfp4": "fp4", "w4a4": "fp4"}
+_QUANT.update({"fp8": "fp8", "fp8_block": "fp8", "fp8_static": "fp8", "w8a8": "fp8"})
+_QUANT.update({"int8": "fp8", "int8_wo": "fp8", "w8a16": "fp8", "sq": "fp8"})  # 1-byte weights
+_QUANT.update({"int4_wo": "int4", "int4": "int4", "w4a16": "int4", "w4a8": "int4"})
+_QUANT.update({"awq": "int4", "gptq": "int4", "int4_awq": "int4", "w4a8_awq": "int4"})
+_QUANT.update({"bf16": "bf16", "fp16": "bf16", "float16": "bf16", "bfloat16": "bf16"})
+
+
+def _quant(name: str, default: str) -> str:
+    """Map a quant-mode string to a modeled precision; unknown names keep `default`, and an
+    unknown default falls back to bf16 (the checkpoint dtype)."""
+    q = _QUANT.get(name.strip().lower()) if name else None
+    if q is None:
+        q = _QUANT.get(default, default)
+    return q if q in ("bf16", "fp8", "fp4", "int4") else "bf16"
 
 
 @dataclass(frozen=True)
@@ -64,10 +77,9 @@ def _float(v: str | None) -> float | None:
 
 
 def _precisions(row: dict) -> tuple[str, str | None]:
-    p = (row.get("precision") or "").strip().lower()
-    base = _QUANT.get(p, p) if p else "bf16"
-    gemm = _QUANT.get((row.get("gemm_quant_mode") or "").strip().lower(), base)
-    moe = _QUANT.get((row.get("moe_quant_mode") or "").strip().lower(), gemm)
+    base = _quant(row.get("precision") or "", "bf16")
+    gemm = _quant(row.get("gemm_quant_mode") or "", base)
+    moe = _quant(row.get("moe_quant_mode") or "", gemm)
     if gemm == "int4":  # weight-only int4 applies to the experts; attention stays bf16
         gemm = "bf16"
     return gemm, (moe if moe != gemm else None)

@@ -59,6 +59,22 @@ def predict_cases(
     return out
 
 
+def _computable(cases: Sequence[Case]) -> tuple[list[Case], list[tuple[str, str]]]:
+    """Cases the model can evaluate; a case whose numbers break the model (it shouldn't
+    happen, but a file of unknown provenance may hold anything) is skipped with the reason
+    instead of ending the run."""
+    from tokenfab.factory.calibrate import bundled_calibration
+
+    ok, bad = [], []
+    for c in cases:
+        try:
+            predict(c.model, c.system, c.deployment, bundled_calibration(c.backend))
+            ok.append(c)
+        except (ArithmeticError, ValueError, KeyError) as e:
+            bad.append((c.row_id, f"cannot be modeled: {e}"))
+    return ok, bad
+
+
 def _pct(vals: list[float], q: float) -> float | None:
     return round(float(np.percentile(vals, q)), 2) if vals else None
 
@@ -83,6 +99,8 @@ def validate_file(
     """Predict every row with the bundled calibration, or (cv = K > 1) each row with a
     calibration refitted on the other K-1 random folds of the same file."""
     cases, skipped = load_cases(path)
+    cases, broken = _computable(cases)
+    skipped += broken
     if cv > 1:
         from tokenfab.factory.calibrate import cross_validate, kfold
 
