@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from tokenfab.engine.attention import AttentionMetadata
     from tokenfab.engine.loader import LoadedModel
     from tokenfab.engine.model import ModelConfig
 
@@ -98,7 +99,11 @@ class TorchRunner:
             logits = self.model(ids, positions, meta, self.kv_caches, rows)
             return logits.float()
 
-    def _prepare(self, batch: StepBatch):  # noqa: ANN202 - tuple of tensors + metadata
+    def _prepare(
+        self, batch: StepBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor] | None:
+        """Flatten the chunks (single-token ones first) into ids, positions, attention metadata
+        and the rows whose logits are wanted (in chunk order); None for an empty batch."""
         import torch
 
         from tokenfab.engine.attention import AttentionMetadata, PrefillSpan
