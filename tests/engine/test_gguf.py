@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,10 @@ def test_converted_folder_is_complete_and_cached(smollm_dir: Path) -> None:
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
         assert (smollm_dir / name).is_file(), name
     assert resolve_model(str(default_gguf_path())) == smollm_dir  # reused, not reconverted
+    tok_cfg = json.loads((smollm_dir / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # loadable by older versions
+    assert "<|im_start|>assistant" in tok_cfg["chat_template"]
+    assert tok_cfg["model_max_length"] == 8192
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -152,7 +152,7 @@ def _weights(reader: Any, cfg: dict[str, Any], progress: Any) -> dict[str, Any]:
             w = unpermute_rope(w, cfg["num_attention_heads"])
         elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rope(w, cfg["num_key_value_heads"])
-        out[name] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.bfloat16)
+        out[name] = torch.tensor(w, dtype=torch.float32).to(torch.bfloat16)  # copies
     return out
 
 
@@ -160,6 +160,21 @@ def _progress_iter(items: list[Any], description: str) -> Any:
     from rich.progress import track
 
     return track(items, description=description, transient=True, disable=not sys.stderr.isatty())
+
+
+def _portable_tokenizer_config(folder: Path, template: str | None, max_len: int) -> None:
+    """Make tokenizer_config.json loadable by older transformers too (vLLM's virtualenv pins its
+    own): the generic fast-tokenizer class instead of transformers 5's "TokenizersBackend",
+    the chat template inline (older versions ignore chat_template.jinja), a real max length."""
+    path = folder / "tokenizer_config.json"
+    data = json.loads(path.read_text())
+    for key in ("backend", "is_local", "local_files_only"):
+        data.pop(key, None)
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    data["model_max_length"] = max_len
+    if template:
+        data["chat_template"] = template
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: Path | None = None) -> Path:
@@ -187,6 +202,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: Path | None = None) -> Path:
         if template:
             tok.chat_template = template
         tok.save_pretrained(tmp)
+        _portable_tokenizer_config(tmp, template, cfg["max_position_embeddings"])
         source = {"gguf": str(gguf_path), "name": display_name(gguf_path)}
         (tmp / "tokenfab_source.json").write_text(json.dumps(source, indent=2))
         try:
