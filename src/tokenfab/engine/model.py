@@ -292,7 +292,7 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         logit_rows: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids/positions [T]; returns logits [len(logit_rows), vocab] in the model dtype."""
+        """input_ids/positions [T]; returns float32 logits [len(logit_rows), vocab]."""
         x = self.embed(input_ids)
         fused = self.kernels if x.dtype == torch.bfloat16 else None
         step = StepInputs(
