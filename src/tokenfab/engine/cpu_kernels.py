@@ -48,6 +48,10 @@ static inline uint16_t f2bf(float f) {
    out: [B, H, D] contiguous, same dtype as q. window <= 0: none. */
 #define MAXG 32
 #define MAXD 256
+/* Elementwise kernels below this many elements run on the calling thread: a decode step's
+   norms are ~20 us of work, less than a parallel region's wake-up and barrier (and far less
+   than a barrier waiting on a descheduled thread when the cores are shared). */
+#define PAR_MIN (1 << 18)
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -356,7 +360,7 @@ void paged_decode_attention(const void *q, int64_t q_stride, const void *kc, con
    out[T, N] = w * bf16(x * rsqrt(mean(x^2) + eps)), rounding like transformers' RMSNorm. */
 void add_rms_norm_bf16(uint16_t *x, int64_t xs, const uint16_t *delta, int64_t ds,
                        const uint16_t *w, uint16_t *out, int T, int N, float eps) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((int64_t)T * N > PAR_MIN)
     for (int t = 0; t < T; t++) {
         uint16_t *xr = x + (int64_t)t * xs;
         float buf[8192];
@@ -379,7 +383,7 @@ void add_rms_norm_bf16(uint16_t *x, int64_t xs, const uint16_t *delta, int64_t d
 
 /* out[T, I] = silu(gu[T, :I]) * gu[T, I:] (bf16). */
 void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int T, int I) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((int64_t)T * I > PAR_MIN)
     for (int t = 0; t < T; t++) {
         const uint16_t *g = gu + (int64_t)t * 2 * I, *u = g + I;
         uint16_t *o = out + (int64_t)t * I;
@@ -396,7 +400,7 @@ void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int T, int I) {
 void rope_bf16(uint16_t *x, int64_t xs, int nh, int D, const int64_t *positions,
                const float *cos_t, const float *sin_t, int T) {
     const int half = D / 2;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((int64_t)T * nh * D > PAR_MIN)
     for (int t = 0; t < T; t++) {
         const float *c = cos_t + positions[t] * D, *s = sin_t + positions[t] * D;
         for (int h = 0; h < nh; h++) {
