@@ -275,3 +275,10 @@ async def test_queue_full_raises_before_first_output(loaded: Any) -> None:
             await collect(engine, req("a", [5]))
     finally:
         await engine.shutdown()
+
+
+def test_max_model_len_beyond_the_models_context_is_refused(loaded: Any) -> None:
+    limit = loaded.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the model's context length {limit}"):
+        LLMEngine(cfg(max_model_len=limit + 1), loaded=loaded)
+    assert LLMEngine(cfg(max_model_len=limit), loaded=loaded).max_model_len <= limit

@@ -99,6 +99,12 @@ class LLMEngine:
         else:
             per_block = kv_bytes_per_block(mc, bs)
             num_blocks = max(1, int(config.kv_cache_memory_gb * (1 << 30)) // per_block)
+        if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
+            # Positions past the model's trained context have no rotary table (and no meaning).
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's context length "
+                f"{mc.max_position_embeddings}"
+            )
         context = config.max_model_len or mc.max_position_embeddings
         # A request must fit the pool on its own, or it could never be scheduled.
         self.max_model_len: int = min(context, num_blocks * bs)
