@@ -104,9 +104,10 @@ def run_server(name: str, model: Path, levels: list[int], args: argparse.Namespa
     with _peers.server_process(cmd, env, url, logs / f"{name}.log"):
         asyncio.run(warm_up(url, model, args))
         for c in levels:
-            _peers.log(f"  {LABELS[name]}: concurrency {c} ({_peers.machine_load()})")
+            load = _peers.machine_load()
+            _peers.log(f"  {LABELS[name]}: concurrency {c} ({load})")
             level = asyncio.run(bench_level(url, model, c, args))
-            level["load_before"] = _peers.machine_load()
+            level["load_before"] = load
             out["levels"].append(level)
     return out
 
