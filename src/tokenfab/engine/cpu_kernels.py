@@ -420,7 +420,14 @@ _FLAGS = [
     "-O3",
     "-march=native",
     "-mprefer-vector-width=512",
-    "-ffast-math",
+    # The vectorizing parts of -ffast-math, but not the flag itself: with it, gcc links
+    # crtfastmath.o into the library, whose loading turns on flush-to-zero for the whole
+    # process and silently changes everyone else's float arithmetic.
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-signed-zeros",
+    "-fassociative-math",
+    "-freciprocal-math",
     "-fopenmp",
     "-shared",
     "-fPIC",
