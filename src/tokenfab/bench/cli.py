@@ -10,10 +10,17 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from tokenfab.bench.traces import BUNDLED
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tokenfab.bench.api import BenchConfig, BenchResult
+    from tokenfab.bench.metrics import RequestResult
 
 app = typer.Typer(
     help="Load-test an OpenAI-compatible server.", invoke_without_command=True, add_completion=False
@@ -136,7 +143,7 @@ def _one_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def _run_with_progress(cfg, err, show: bool):
+def _run_with_progress(cfg: BenchConfig, err: Console, show: bool) -> BenchResult:
     import httpx
     from rich.progress import (
         BarColumn,
@@ -168,7 +175,7 @@ def _run_with_progress(cfg, err, show: bool):
         failed = 0
         progress.reset(task, description=name, total=total, failed=0)
 
-    def on_done(r) -> None:
+    def on_done(r: RequestResult) -> None:
         nonlocal failed
         failed += 0 if r.ok else 1
         progress.update(task, advance=1, failed=failed)
@@ -180,7 +187,7 @@ def _run_with_progress(cfg, err, show: bool):
         raise OSError(_one_line(e)) from e
 
 
-def _emit(result, as_json: bool, out: Path | None, err) -> None:
+def _emit(result: BenchResult, as_json: bool, out: Path | None, err: Console) -> None:
     from rich.console import Console
 
     from tokenfab.bench.report import print_report, to_json, write_plots

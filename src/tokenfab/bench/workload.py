@@ -8,7 +8,6 @@ both for comparing servers and for prefix-cache sharing in trace replay.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -151,8 +150,3 @@ def _hashed_prompt(
         rng = random.Random(f"{synth.seed}:tail:{index}")
         prompt.extend(random_prompt(pool, length - len(prompt), rng))
     return prompt[:length]
-
-
-def expected_blocks(input_len: int, trace_block_tokens: int = 512) -> int:
-    """How many hash ids a Mooncake row of this input length carries."""
-    return math.ceil(input_len / trace_block_tokens)
