@@ -123,3 +123,22 @@ def test_checkpoint_precision() -> None:
     assert checkpoint_precision("meta-llama/Llama-3.1-70B") == "bf16"
     assert checkpoint_precision("openai/gpt-oss-120b") == "fp4"
     assert checkpoint_precision("nvidia/DeepSeek-V3.1-NVFP4") == "fp4"
+
+
+def test_best_batch_is_refined_to_the_limit() -> None:
+    from tokenfab.factory.calibrate import bundled_calibration
+    from tokenfab.factory.search import Candidate, _with_batch
+    from tokenfab.factory.serving import predict
+
+    spec, sysm = load_model_spec("meta-llama/Llama-3.1-70B"), get_system("h200")
+    q = PlanQuery(spec, sysm, 8, 1024, 1024, ttft_ms=2000, tpot_ms=30, precision="bf16")
+    r = run_search(q, bundled_calibration())
+    b = r.best
+    assert b is not None and b.meets(2000, 30)
+    d = b.deployment
+    dp = (d.layout if isinstance(d, AggDeployment) else d.decode_layout).attn_dp
+    size = d.concurrency if isinstance(d, AggDeployment) else d.decode_batch
+    nxt = _with_batch(d, size + dp)  # one more sequence per rank
+    p = predict(spec, sysm, nxt, bundled_calibration())
+    c = Candidate(b.mode, nxt, p, b.replicas, 8, sysm.allin_power_w)
+    assert not (p.fits and c.meets(2000, 30) and c.tokens_per_s_per_gpu > b.tokens_per_s_per_gpu)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -50,6 +50,7 @@ PREFILL_UTILIZATIONS = (0.5, 0.7, 0.85, 0.95)  # prefill pool load targets tried
 MAX_WORKER_GPUS = 128
 MIN_EXPERT_SLICE = 128  # MoE-TP keeps >= one tensor-core tile of each expert's FFN per GPU
 PIPELINE_STAGES = (1, 2, 4, 8)
+POLISH_TOP = 8  # best deployments whose batch is refined between grid steps
 MODES = ("agg", "disagg")
 BACKENDS = (None, "trtllm", "sglang", "vllm")
 
@@ -428,6 +429,56 @@ def _search_disagg(
     return out, n_pred, n_screen
 
 
+def _batch_of(dep: AggDeployment | DisaggDeployment) -> int:
+    return dep.concurrency if isinstance(dep, AggDeployment) else dep.decode_batch
+
+
+def _with_batch(dep: AggDeployment | DisaggDeployment, b: int) -> AggDeployment | DisaggDeployment:
+    if isinstance(dep, AggDeployment):
+        return replace(dep, concurrency=b)
+    return replace(dep, decode_batch=b, concurrency=None)
+
+
+def _polish(q: PlanQuery, cands: list[Candidate], cal: Calibration) -> tuple[list[Candidate], int]:
+    """Between the grid batches, find the largest batch that still meets the limits for the
+    few best deployments (bisection: latency grows with the batch), so the best answer is not
+    an artifact of the grid spacing."""
+    ok = sorted(
+        (c for c in cands if c.meets(q.ttft_ms, q.tpot_ms)),
+        key=lambda c: c.tokens_per_s_per_gpu,
+        reverse=True,
+    )
+    seen: set = set()
+    out: list[Candidate] = []
+    n = 0
+    for c in ok:
+        key = _with_batch(c.deployment, 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        if len(seen) > POLISH_TOP:
+            break
+        dp = (c.deployment.layout if c.mode == "agg" else c.deployment.decode_layout).attn_dp
+        lo = _batch_of(c.deployment) // dp  # per rank; meets the limits
+        hi = next((b for b in BATCH_PER_RANK if b > lo), lo * 2)  # next grid step
+        best = c
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            dep = _with_batch(c.deployment, mid * dp)
+            p = predict(q.model, q.system, dep, cal)
+            n += 1
+            cand = Candidate(c.mode, dep, p, c.replicas, c.gpus_asked, c.allin_power_w)
+            if p.fits and cand.meets(q.ttft_ms, q.tpot_ms):
+                lo = mid
+                if cand.tokens_per_s_per_gpu > best.tokens_per_s_per_gpu:
+                    best = cand
+            else:
+                hi = mid
+        if best is not c:
+            out.append(best)
+    return out, n
+
+
 def _frontier(cands: list[Candidate]) -> list[Candidate]:
     if not cands:
         return []
@@ -473,6 +524,10 @@ def run_search(q: PlanQuery, cal: Calibration | None = None) -> SearchResult:
                 notes.append(f"no disaggregated split fits in {q.gpus} GPUs")
     if not cands:
         raise PlanError(f"no deployment of {q.model.name} fits on {q.gpus} x {q.system.name}")
+    if q.ttft_ms is not None or q.tpot_ms is not None:
+        c, n = _polish(q, cands, cal)
+        cands += c
+        evaluated += n
     by_mode = {m: _frontier([c for c in cands if c.mode == m]) for m in q.modes}
     ok = [c for c in cands if c.meets(q.ttft_ms, q.tpot_ms)]
     best = max(ok, key=lambda c: (c.tokens_per_s_per_gpu, c.tokens_per_s_per_user), default=None)
