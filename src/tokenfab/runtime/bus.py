@@ -54,10 +54,12 @@ def subject_matches(pattern: str, subject: str) -> bool:
 _CLOSED = object()
 
 
-class LocalSubscription:
-    def __init__(self, bus: LocalBus, subject: str) -> None:
+class QueuedSubscription:
+    """A subscription whose messages wait in an asyncio queue until read; backends feed it
+    with `deliver` and close it with `_close_queue`."""
+
+    def __init__(self, subject: str) -> None:
         self.subject = subject
-        self._bus = bus
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._closed = False
 
@@ -81,11 +83,23 @@ class LocalSubscription:
             except BusClosed:
                 return
 
+    def _close_queue(self) -> bool:
+        """Mark closed and wake the reader; False if it was already closed."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._queue.put_nowait(_CLOSED)
+        return True
+
+
+class LocalSubscription(QueuedSubscription):
+    def __init__(self, bus: LocalBus, subject: str) -> None:
+        super().__init__(subject)
+        self._bus = bus
+
     def unsubscribe(self) -> None:
-        if not self._closed:
-            self._closed = True
+        if self._close_queue():
             self._bus._remove(self)
-            self._queue.put_nowait(_CLOSED)
 
 
 class LocalBus:

@@ -8,48 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
-from tokenfab.runtime.bus import BusClosed
-
-_CLOSED = object()
+from tokenfab.runtime.bus import QueuedSubscription
 
 
-class NatsSubscription:
+class NatsSubscription(QueuedSubscription):
     def __init__(self, bus: NatsBus, subject: str) -> None:
-        self.subject = subject
+        super().__init__(subject)
         self._bus = bus
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._sub: Any = None
-        self._closed = False
 
     async def _on_msg(self, msg: Any) -> None:
-        if not self._closed:
-            self._queue.put_nowait(msg.data)
-
-    async def next(self) -> bytes:
-        if self._closed and self._queue.empty():
-            raise BusClosed(self.subject)
-        item = await self._queue.get()
-        if item is _CLOSED:
-            raise BusClosed(self.subject)
-        assert isinstance(item, bytes)
-        return item
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                yield await self.next()
-            except BusClosed:
-                return
+        self.deliver(msg.data)
 
     def unsubscribe(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put_nowait(_CLOSED)
-        if self._sub is not None:
+        if self._close_queue() and self._sub is not None:
             self._bus._spawn(self._sub.unsubscribe())
 
 
