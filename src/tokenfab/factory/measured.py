@@ -92,12 +92,40 @@ def _kv_precision(backend: str, gemm: str, moe: str | None) -> str:
     return "fp8" if backend == "trtllm" and quantized else "bf16"
 
 
-def _layout(row: dict, prefix: str, gemm: str, moe: str | None) -> Layout:
+def _wide_worker(model: ModelSpec, tp: int, dp: int, mtp: int, ep: int) -> bool:
+    """A `tp_size` that cannot be a tensor-parallel degree (it does not divide the attention
+    heads) with MoE-TP equal to it and no EP or attention DP is physically inconsistent: such
+    rows (wide GB200 deployments) give the worker's GPU count. The layout that runs a model
+    on that many GPUs is attention data-parallel with experts spread by EP (wide-EP)."""
+    return (
+        tp > 1
+        and dp == 1
+        and model.num_experts > 0
+        and model.num_heads % tp != 0
+        and mtp in (0, tp)
+        and ep in (0, 1)
+    )
+
+
+def _tp_times_ep(system: System, tp: int, dp: int, mtp: int, ep: int) -> bool:
+    """A tensor-parallel group larger than the NVLink domain is not deployed by these
+    engines; when such a `tp_size` equals `moe_tp x moe_ep` it is the product of the
+    worker's TP and EP (the row's id names e.g. tp8_ep8 for tp_size 64, moe 8 x 8)."""
+    return tp > system.scaleup_size and dp == 1 and ep > 1 and mtp > 1 and mtp * ep == tp
+
+
+def _layout(
+    row: dict, prefix: str, gemm: str, moe: str | None, model: ModelSpec, system: System
+) -> Layout:
     tp = max(_int(row.get(prefix + "tp_size"), 1), 1)
     pp = max(_int(row.get(prefix + "pp_size"), 1), 1)
     dp = max(_int(row.get(prefix + "attention_dp_size"), 1), 1)
     ep = _int(row.get(prefix + "moe_ep_size"), 0)
     mtp = _int(row.get(prefix + "moe_tp_size"), 0)
+    if _wide_worker(model, tp, dp, mtp, ep):
+        tp, dp, mtp, ep = 1, tp, 1, tp
+    elif _tp_times_ep(system, tp, dp, mtp, ep):
+        tp, mtp = tp // ep, 1
     g = tp * dp
     if ep <= 0 and mtp <= 0:
         ep, mtp = 1, g
@@ -138,13 +166,15 @@ def case_from_row(row: dict) -> Case:
     conc = concurrency_of(row)
     known = True
     if mode == "agg":
-        lay = _layout(row, "", gemm, moe)
+        lay = _layout(row, "", gemm, moe, model, system)
         b = _int(row.get("batch_size"), 0)
         c = b * lay.attn_dp if b > 0 else (conc or 1)
+        if lay.attn_dp > 1 and lay.attn_dp != max(_int(row.get("attention_dp_size"), 1), 1):
+            c = conc or b  # reinterpreted wide worker: the batch column is the worker's
         dep: AggDeployment | DisaggDeployment = AggDeployment(lay, max(c, 1), isl, osl)
     else:
-        pl = _layout(row, "prefill_", gemm, moe)
-        dl = _layout(row, "decode_", gemm, moe)
+        pl = _layout(row, "prefill_", gemm, moe, model, system)
+        dl = _layout(row, "decode_", gemm, moe, model, system)
         bd = _int(row.get("decode_batch_size"), 0)
         dw = _int(row.get("decode_num_workers"), 0)
         pw = _int(row.get("prefill_num_workers"), 0)

@@ -106,8 +106,13 @@ class Calibration:
     disagg_ms: float = 100.0  # prefill -> decode handoff (KV transfer setup, scheduling)
     prefill_chunk: float = 4096.0  # prefill tokens per step in aggregated serving
     queue_weight: float = 0.25  # share of a closed-loop wave's prefill queue seen in TTFT
+    # the same in a disaggregated prefill pool: no decode steps interleave to spread the wave
+    disagg_queue_weight: float = 0.5
     prefill_util: float = 0.9  # utilization a deployer sizes the prefill pool for
     max_decode_batch: float = 512.0  # largest decode batch per attention-DP rank
+    # sequences an aggregated engine admits over our KV-capacity estimate (fp8 KV,
+    # memory fraction, admission by current rather than final length)
+    kv_admit: float = 1.0
     decode_pool_gpus: float = 32.0  # typical decode pool when a file gives no pool sizes
 
 

@@ -90,19 +90,38 @@ def _fit_reason_cached(
     return None
 
 
+def running_batch(
+    model: ModelSpec, system: System, lay: Layout, users: int, ctx: float, cal: Calibration
+) -> int:
+    """Sequences an aggregated worker runs at once for `users` closed-loop users: limited
+    by the KV cache (`ctx` tokens held per sequence on average) and the engine's batch limit.
+    A layout whose KV estimate holds no sequence at all is taken as run anyway (the memory
+    estimate is then too coarse to limit anything)."""
+    slots = int(cal.kv_admit * kv_capacity_tokens(model, system, lay, ctx=int(ctx)) / max(ctx, 1.0))
+    limit = max(1, int(cal.max_decode_batch * lay.attn_dp))
+    if slots < 1:
+        return min(users, limit)
+    return max(1, min(users, slots, limit))
+
+
 def predict_agg(
     model: ModelSpec, system: System, dep: AggDeployment, cal: Calibration = DEFAULT_CAL
 ) -> Prediction:
-    lay, c = dep.layout, max(dep.concurrency, 1)
+    lay, users = dep.layout, max(dep.concurrency, 1)
     isl, osl = max(dep.isl, 1), max(dep.osl, 1)
-    reason = _fit_reason(model, system, lay, c, isl + osl)
+    reason = _fit_reason(model, system, lay, users, isl + osl)
     ctx = isl + osl / 2.0
+    # the running batch: the engine admits users while their KV (a sequence holds isl + osl/2
+    # tokens on average) fits and below its batch limit; the others wait in the queue
+    c = running_batch(model, system, lay, users, ctx, cal)
     dec = decode_work(model, c, ctx, lay)
     t_dec = step_time(model, system, lay, dec, cal)
     # a prefill chunk: up to prefill_chunk tokens of whole prompts (at least one prompt part)
+    # per attention-DP rank: each rank schedules its own requests, so a worker's mixed step
+    # carries up to attn_dp chunks
     chunk = min(float(isl), cal.prefill_chunk)
     n_chunk = max(1.0, cal.prefill_chunk // isl) if isl <= cal.prefill_chunk else 1.0
-    n_chunk = min(n_chunk, c)
+    n_chunk = min(n_chunk * lay.attn_dp, c)
     pf = prefill_work(model, n_chunk, chunk, lay)
     t_mix = step_time(model, system, lay, combine(dec, pf), cal)
     steps_per_prompt = isl / chunk / n_chunk  # chunk-steps one prompt needs
@@ -113,6 +132,8 @@ def predict_agg(
     queue = cal.queue_weight * (c - 1) / 2.0 * steps_per_prompt * t_mix
     ttft = own + queue + t_dec / 2.0 + cal.ttft_ms * 1e-3
     x = c / (ttft + (osl - 1) * tpot)
+    # users beyond the running batch wait for a slot: closed loop, slots free at rate x
+    ttft += (users - c) / x
     gpus = lay.num_gpus * dep.workers
     return Prediction(
         ttft_ms=ttft * 1e3,
@@ -224,7 +245,7 @@ def predict_disagg(
     t_first += (cal.ttft_ms + cal.disagg_ms) * 1e-3
     # requests of a closed-loop benchmark arrive in waves (all users start together and
     # finish together): a request waits for part of its wave's prompts, as in aggregated mode
-    wave = cal.queue_weight * (c - 1) / 2.0 / capacity
+    wave = cal.disagg_queue_weight * (c - 1) / 2.0 / capacity
     ttft = max(_closed_loop_ttft(c, osl, tpot, t_first, capacity), t_first + wave)
     x = c / (ttft + (osl - 1) * tpot)
     gpus = pl.num_gpus * dep.prefill_workers + dl.num_gpus * dep.decode_workers
