@@ -114,6 +114,13 @@ def _tp_times_ep(system: System, tp: int, dp: int, mtp: int, ep: int) -> bool:
     return tp > system.scaleup_size and dp == 1 and ep > 1 and mtp > 1 and mtp * ep == tp
 
 
+def _dp_times_ep(system: System, tp: int, dp: int, mtp: int, ep: int) -> bool:
+    """The same mislabel in the attention-DP column: DP beyond the NVLink domain equal to
+    `moe_tp x moe_ep` (ids name e.g. tp8_ep8 for attention_dp 64, moe 8 x 8) is a worker of
+    `ep` GPUs, attention data-parallel, experts by EP."""
+    return dp > system.scaleup_size and tp == 1 and ep > 1 and mtp > 1 and mtp * ep == dp
+
+
 def _layout(
     row: dict, prefix: str, gemm: str, moe: str | None, model: ModelSpec, system: System
 ) -> Layout:
@@ -126,6 +133,8 @@ def _layout(
         tp, dp, mtp, ep = 1, tp, 1, tp
     elif _tp_times_ep(system, tp, dp, mtp, ep):
         tp, mtp = tp // ep, 1
+    elif _dp_times_ep(system, tp, dp, mtp, ep):
+        dp, mtp = dp // mtp, 1
     g = tp * dp
     if ep <= 0 and mtp <= 0:
         ep, mtp = 1, g
@@ -168,9 +177,10 @@ def case_from_row(row: dict) -> Case:
     if mode == "agg":
         lay = _layout(row, "", gemm, moe, model, system)
         b = _int(row.get("batch_size"), 0)
+        dp_col = max(_int(row.get("attention_dp_size"), 1), 1)
         c = b * lay.attn_dp if b > 0 else (conc or 1)
-        if lay.attn_dp > 1 and lay.attn_dp != max(_int(row.get("attention_dp_size"), 1), 1):
-            c = conc or b  # reinterpreted wide worker: the batch column is the worker's
+        if lay.attn_dp != dp_col:  # reinterpreted layout: the batch column counts per dp_col
+            c = conc or max(b * dp_col, 1)
         dep: AggDeployment | DisaggDeployment = AggDeployment(lay, max(c, 1), isl, osl)
     else:
         pl = _layout(row, "prefill_", gemm, moe, model, system)
