@@ -127,7 +127,9 @@ def predict_agg(
     steps_per_prompt = isl / chunk / n_chunk  # chunk-steps one prompt needs
     # each output token of each user brings isl/osl prompt tokens of prefill work
     frac = c / osl * steps_per_prompt
-    tpot = t_dec + frac * (t_mix - t_dec)
+    # the share `queue_weight` of the prompts that arrive in synchronized waves is prefilled
+    # while its users wait for their first token (TTFT below), not between their decode steps
+    tpot = t_dec + (1.0 - min(cal.queue_weight, 1.0)) * frac * (t_mix - t_dec)
     own = math.ceil(isl / chunk) * t_mix
     queue = cal.queue_weight * (c - 1) / 2.0 * steps_per_prompt * t_mix
     ttft = own + queue + t_dec / 2.0 + cal.ttft_ms * 1e-3
