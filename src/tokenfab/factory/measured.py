@@ -12,6 +12,12 @@ How the columns map (studied on the bundled file):
   concurrency = decode workers x decode batch x attention_dp. Rows without worker counts
   give the run's concurrency only (`silicon_concurrency=` in `silicon_data_source`); their
   pools are left at 0 workers and sized as a deployer would (`serving.size_disagg_pools`).
+- physically inconsistent layout columns get the reading the physics supports (a rule, not
+  a row list): a `tp_size` that does not divide the attention heads (wide GB200 rows, TP 12-72
+  with MoE-TP equal to it) is the GPU count of an attention-DP + EP worker; a `tp_size` or
+  `attention_dp_size` beyond the NVLink domain that equals `moe_tp x moe_ep` is that product
+  (the ids say e.g. tp8_ep8): a worker of `ep` GPUs. The concurrency then comes from
+  `silicon_concurrency=`.
 - precision: `gemm_quant_mode`/`moe_quant_mode` (nvfp4, fp8, fp8_block, int4_wo) refine
   `precision`; an empty precision means the checkpoint's bf16 weights. The KV-cache dtype
   is not in the file: each backend's default is assumed (`_kv_precision`).
