@@ -92,16 +92,17 @@ def _fit_reason_cached(
 
 def running_batch(
     model: ModelSpec, system: System, lay: Layout, users: int, ctx: float, cal: Calibration
-) -> int:
+) -> float:
     """Sequences an aggregated worker runs at once for `users` closed-loop users: limited
     by the KV cache (`ctx` tokens held per sequence on average) and the engine's batch limit.
     A layout whose KV estimate holds no sequence at all is taken as run anyway (the memory
-    estimate is then too coarse to limit anything)."""
-    slots = int(cal.kv_admit * kv_capacity_tokens(model, system, lay, ctx=int(ctx)) / max(ctx, 1.0))
-    limit = max(1, int(cal.max_decode_batch * lay.attn_dp))
-    if slots < 1:
-        return min(users, limit)
-    return max(1, min(users, slots, limit))
+    estimate is then too coarse to limit anything). Not rounded: a mean over the run, and
+    smooth in the calibration for the fitter."""
+    slots = cal.kv_admit * kv_capacity_tokens(model, system, lay, ctx=int(ctx)) / max(ctx, 1.0)
+    limit = max(1.0, cal.max_decode_batch * lay.attn_dp)
+    if slots < 1.0:
+        return float(min(users, limit))
+    return max(1.0, min(float(users), slots, limit))
 
 
 def predict_agg(
