@@ -44,7 +44,6 @@ COMMON_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("disagg_queue_weight", 0.01, 4.0),
     ("prefill_util", 0.3, 0.97),
     ("max_decode_batch", 16.0, 4096.0),
-    ("kv_admit", 0.5, 8.0),
     ("decode_pool_gpus", 1.0, 512.0),
 )
 # each engine brings its own kernels (GEMM/MoE/attention libraries), fixed software costs and

@@ -110,9 +110,6 @@ class Calibration:
     disagg_queue_weight: float = 0.5
     prefill_util: float = 0.9  # utilization a deployer sizes the prefill pool for
     max_decode_batch: float = 512.0  # largest decode batch per attention-DP rank
-    # sequences an aggregated engine admits over our KV-capacity estimate (fp8 KV,
-    # memory fraction, admission by current rather than final length)
-    kv_admit: float = 1.0
     decode_pool_gpus: float = 32.0  # typical decode pool when a file gives no pool sizes
 
 

@@ -90,19 +90,12 @@ def _fit_reason_cached(
     return None
 
 
-def running_batch(
-    model: ModelSpec, system: System, lay: Layout, users: int, ctx: float, cal: Calibration
-) -> float:
-    """Sequences an aggregated worker runs at once for `users` closed-loop users: limited
-    by the KV cache (`ctx` tokens held per sequence on average) and the engine's batch limit.
-    A layout whose KV estimate holds no sequence at all is taken as run anyway (the memory
-    estimate is then too coarse to limit anything). Not rounded: a mean over the run, and
-    smooth in the calibration for the fitter."""
-    slots = cal.kv_admit * kv_capacity_tokens(model, system, lay, ctx=int(ctx)) / max(ctx, 1.0)
-    limit = max(1.0, cal.max_decode_batch * lay.attn_dp)
-    if slots < 1.0:
-        return float(min(users, limit))
-    return max(1.0, min(float(users), slots, limit))
+def running_batch(users: int, lay: Layout, cal: Calibration) -> float:
+    """Sequences an aggregated worker runs at once for `users` closed-loop users: the
+    engine's batch limit. (Admission by KV capacity was tried too; with the coarse per-GPU
+    memory estimate it queued users in runs that measured no queueing, so KV only decides
+    whether a deployment fits.)"""
+    return float(min(users, max(1.0, cal.max_decode_batch * lay.attn_dp)))
 
 
 def predict_agg(
@@ -112,9 +105,8 @@ def predict_agg(
     isl, osl = max(dep.isl, 1), max(dep.osl, 1)
     reason = _fit_reason(model, system, lay, users, isl + osl)
     ctx = isl + osl / 2.0
-    # the running batch: the engine admits users while their KV (a sequence holds isl + osl/2
-    # tokens on average) fits and below its batch limit; the others wait in the queue
-    c = running_batch(model, system, lay, users, ctx, cal)
+    # the running batch: the engine's batch limit; further users wait in the queue
+    c = running_batch(users, lay, cal)
     dec = decode_work(model, c, ctx, lay)
     t_dec = step_time(model, system, lay, dec, cal)
     # a prefill chunk: up to prefill_chunk tokens of whole prompts (at least one prompt part)
