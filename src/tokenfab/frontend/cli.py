@@ -42,9 +42,19 @@ def _logging(level: str) -> None:
     )
 
 
+# The engine's step loop (a thread) releases the GIL around every torch op and must take it
+# back hundreds of times per step, while the event loop thread serves HTTP. With CPython's
+# default 5 ms switch interval each hand-back can wait a whole interval behind the busy event
+# loop; at 32 concurrent streams that cost ~25% of throughput and ~40% of TTFT here
+# (benchmarks/README.md). A short interval keeps the engine fed.
+GIL_SWITCH_INTERVAL_S = 1e-4
+
+
 def _run(coro: Any, host: str | None = None, port: int | None = None) -> None:
     import asyncio
+    import sys
 
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         asyncio.run(coro)
     except KeyboardInterrupt:
