@@ -55,6 +55,35 @@ static inline uint16_t f2bf(float f) {
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+/* Shared by both bf16 decode-attention variants below. */
+static inline void attn_init_bf16(const uint16_t *q, __m512bh qb[MAXG][MAXD / 32],
+                                  __m512 acc[MAXG][MAXD / 16], float *m, float *l, int G, int D) {
+    for (int g = 0; g < G; g++) {
+        for (int c = 0; c < D / 32; c++)
+            qb[g][c] = (__m512bh)_mm512_loadu_si512((const void *)(q + g * D + c * 32));
+        for (int c = 0; c < D / 16; c++) acc[g][c] = _mm512_setzero_ps();
+        m[g] = -1e30f; l[g] = 0.f;
+    }
+}
+/* Bring one block's rows of one kv head (row offset nb) into cache ahead of use. */
+static inline void prefetch_block(const uint16_t *kc, const uint16_t *vc, int64_t nb, int BS,
+                                  int KVH, int D) {
+    for (int i = 0; i < BS; i++)
+        for (int c = 0; c < D * 2; c += 64) {
+            _mm_prefetch((const char *)(kc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
+            _mm_prefetch((const char *)(vc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
+        }
+}
+static inline void attn_store_bf16(__m512 acc[MAXG][MAXD / 16], const float *l, uint16_t *out,
+                                   int G, int D) {
+    for (int g = 0; g < G; g++) {
+        const __m512 inv = _mm512_set1_ps(1.f / l[g]);
+        for (int c = 0; c < D / 16; c++) {
+            const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], inv));
+            _mm256_storeu_si256((__m256i *)(out + g * D + c * 16), (__m256i)r);
+        }
+    }
+}
 /* One (sequence, kv head) of bf16 decode attention with AVX512-BF16: q.k by dpbf16ps on the
    raw bf16 data, online softmax per block, V accumulated in float32 registers. D % 32 == 0. */
 static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uint16_t *vc,
@@ -64,26 +93,15 @@ static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uin
     __m512 acc[MAXG][MAXD / 16];
     float m[MAXG], l[MAXG], s[MAXG][64];
     const int nq = D / 32, nv = D / 16;
-    for (int g = 0; g < G; g++) {
-        for (int c = 0; c < nq; c++)
-            qb[g][c] = (__m512bh)_mm512_loadu_si512((const void *)(q + g * D + c * 32));
-        for (int c = 0; c < nv; c++) acc[g][c] = _mm512_setzero_ps();
-        m[g] = -1e30f; l[g] = 0.f;
-    }
+    attn_init_bf16(q, qb, acc, m, l, G, D);
     for (int64_t t0 = (first / BS) * BS; t0 <= p; t0 += BS) {
         const int64_t blk = bt[t0 / BS];
         const int64_t lo = t0 < first ? first : t0;
         const int64_t hi = t0 + BS - 1 < p ? t0 + BS - 1 : p;
         const int n = (int)(hi - lo + 1);
         const int64_t base = (blk * BS + (lo - t0)) * KVH + kh;
-        if (t0 + BS <= p) {  /* the next block sits elsewhere: prefetch its rows of this head */
-            const int64_t nb = (bt[t0 / BS + 1] * BS) * KVH + kh;
-            for (int i = 0; i < BS; i++)
-                for (int c = 0; c < D * 2; c += 64) {
-                    _mm_prefetch((const char *)(kc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(vc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
-                }
-        }
+        if (t0 + BS <= p)  /* the next block sits elsewhere: prefetch its rows of this head */
+            prefetch_block(kc, vc, bt[t0 / BS + 1] * BS * KVH + kh, BS, KVH, D);
         for (int i = 0; i < n; i++) {
             const uint16_t *kr = kc + (base + (int64_t)i * KVH) * D;
             __m512bh kb[MAXD / 32];
@@ -117,13 +135,7 @@ static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uin
             }
         }
     }
-    for (int g = 0; g < G; g++) {
-        const __m512 inv = _mm512_set1_ps(1.f / l[g]);
-        for (int c = 0; c < nv; c++) {
-            const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], inv));
-            _mm256_storeu_si256((__m256i *)(out + g * D + c * 16), (__m256i)r);
-        }
-    }
+    attn_store_bf16(acc, l, out, G, D);
 }
 /* e^x for x <= 0-ish, Cephes expf polynomial with scalef; inputs below -87 give ~0. */
 static inline __m512 exp512(__m512 x) {
@@ -171,12 +183,7 @@ static void attn_item_bf16_b16(const uint16_t *q, const uint16_t *kc, const uint
     float m[MAXG], l[MAXG];
     float pa[MAXG][16] __attribute__((aligned(64)));
     const int nq = D / 32, nv = D / 16;
-    for (int g = 0; g < G; g++) {
-        for (int c = 0; c < nq; c++)
-            qb[g][c] = (__m512bh)_mm512_loadu_si512((const void *)(q + g * D + c * 32));
-        for (int c = 0; c < nv; c++) acc[g][c] = _mm512_setzero_ps();
-        m[g] = -1e30f; l[g] = 0.f;
-    }
+    attn_init_bf16(q, qb, acc, m, l, G, D);
     const __m512 vscale = _mm512_set1_ps(scale), neg = _mm512_set1_ps(-1e30f);
     for (int64_t t0 = (first / 16) * 16; t0 <= p; t0 += 16) {
         const int64_t blk = bt[t0 / 16];
@@ -184,14 +191,7 @@ static void attn_item_bf16_b16(const uint16_t *q, const uint16_t *kc, const uint
         const int i1 = (int)(t0 + 15 < p ? 15 : p - t0);
         const __mmask16 valid = (__mmask16)(((1u << (i1 + 1)) - 1u) & ~((1u << i0) - 1u));
         const int64_t base = blk * 16 * KVH + kh;
-        if (t0 + 16 <= p) {
-            const int64_t nb = bt[t0 / 16 + 1] * 16 * KVH + kh;
-            for (int i = 0; i < 16; i++)
-                for (int c = 0; c < D * 2; c += 64) {
-                    _mm_prefetch((const char *)(kc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(vc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
-                }
-        }
+        if (t0 + 16 <= p) prefetch_block(kc, vc, bt[t0 / 16 + 1] * 16 * KVH + kh, 16, KVH, D);
         __m512 dots[MAXG][16];
         for (int i = 0; i < 16; i++) {
             const uint16_t *kr = kc + (base + (int64_t)i * KVH) * D;
@@ -228,13 +228,7 @@ static void attn_item_bf16_b16(const uint16_t *q, const uint16_t *kc, const uint
             }
         }
     }
-    for (int g = 0; g < G; g++) {
-        const __m512 inv = _mm512_set1_ps(1.f / l[g]);
-        for (int c = 0; c < nv; c++) {
-            const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], inv));
-            _mm256_storeu_si256((__m256i *)(out + g * D + c * 16), (__m256i)r);
-        }
-    }
+    attn_store_bf16(acc, l, out, G, D);
 }
 #define HAVE_BF16_SIMD 1
 #else
