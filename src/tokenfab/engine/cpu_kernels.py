@@ -381,8 +381,22 @@ void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int T, int I) {
     for (int t = 0; t < T; t++) {
         const uint16_t *g = gu + (int64_t)t * 2 * I, *u = g + I;
         uint16_t *o = out + (int64_t)t * I;
-        #pragma omp simd
-        for (int i = 0; i < I; i++) {
+        int i0 = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        /* gcc does not vectorize expf without -ffast-math (see _FLAGS), which made the scalar
+           loop 4x slower than torch's silu and mul: 40% of a 256-token prefill. */
+        for (; i0 + 16 <= I; i0 += 16) {
+            const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(g + i0))), 16));
+            const __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(u + i0))), 16));
+            const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), a),
+                                                  _mm512_set1_ps(87.0f)));
+            const __m512 y = _mm512_mul_ps(_mm512_div_ps(a, _mm512_add_ps(e, _mm512_set1_ps(1.0f))), b);
+            _mm256_storeu_si256((__m256i *)(o + i0), (__m256i)_mm512_cvtneps_pbh(y));
+        }
+#endif
+        for (int i = i0; i < I; i++) {
             const float a = bf2f(g[i]);
             o[i] = f2bf(a / (1.f + expf(-a)) * bf2f(u[i]));
         }
