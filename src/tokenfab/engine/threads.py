@@ -13,9 +13,15 @@ alike.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def available_cpus() -> int:
@@ -87,3 +93,34 @@ class ThreadTuner:
 
 def _alike(a: int, b: int) -> bool:
     return b > 0 and max(a, b) <= 2 * min(a, b)
+
+
+async def in_fresh_thread(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` on a new thread that ends with it. Unlike `asyncio.to_thread`, whose
+    executor threads live on, the OpenMP thread team any torch work creates there goes away
+    with the thread, so it cannot slow the engine thread's team (see `AsyncEngine.start`)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+
+    def body() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:
+            loop.call_soon_threadsafe(settle, None, e)
+            return
+        loop.call_soon_threadsafe(settle, result, None)
+
+    thread = threading.Thread(target=body, name="tokenfab-load", daemon=True)
+    thread.start()
+    try:
+        return await fut
+    finally:
+        await asyncio.to_thread(thread.join)
