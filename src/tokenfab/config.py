@@ -38,3 +38,7 @@ class ServerConfig:
     workers: int = 1
     served_model_name: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    engine_processes: bool = True
+    """Each engine in its own process (on a private runtime); False: all in the server's."""
+    startup_timeout_s: float = 300.0
+    """How long the engines may take to load before serving gives up."""

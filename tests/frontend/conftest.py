@@ -47,7 +47,9 @@ def start_server(
 ) -> ServerThread:
     cfg = dict(model=str(model), num_kv_blocks=512, max_model_len=512, max_num_batched_tokens=512)
     cfg.update(engine or {})
-    srv = ServerThread(EngineConfig(**cfg), ServerConfig(port=0, **(server or {})))
+    # The default shape of `tokenfab serve`: engines in processes of their own.
+    config = {"engine_processes": True, **(server or {})}
+    srv = ServerThread(EngineConfig(**cfg), ServerConfig(port=0, **config))
     srv.start()
     return srv
 

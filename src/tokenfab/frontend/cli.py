@@ -1,5 +1,5 @@
-"""Serving commands: `tokenfab serve` (frontend + N engine workers in one process), and the
-distributed shape: `tokenfab worker` and `tokenfab frontend` on a shared NATS runtime.
+"""Serving commands: `tokenfab serve` (the frontend, and N engine workers in processes of their
+own), and the distributed shape: `tokenfab worker` and `tokenfab frontend` on a shared NATS runtime.
 
 Heavy imports (torch, fastapi, uvicorn) happen inside the commands, so `tokenfab --help` is fast.
 """
@@ -96,11 +96,18 @@ def register(app: typer.Typer) -> None:
             None, help="Model id clients send (default: the model folder's name)."
         ),
         no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
-        num_threads: int = typer.Option(None, help="Torch threads (default: torch's choice)."),
+        num_threads: int = typer.Option(
+            None, help="Torch threads per engine (default: tuned while running)."
+        ),
+        in_process: bool = typer.Option(
+            False,
+            "--in-process",
+            help="Run the engines in the server's process (default: a process per engine).",
+        ),
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health,
-        /metrics) with N engine workers in this process."""
+        /metrics) with N engine workers, each in its own process."""
         from tokenfab.config import ServerConfig
         from tokenfab.frontend.server import serve as run
 
@@ -112,6 +119,7 @@ def register(app: typer.Typer) -> None:
             api_key=api_key or None,
             workers=workers,
             served_model_name=served_model_name,
+            engine_processes=not in_process,
         )
         _run(run(engine, server, log_level=log_level.lower()), host, port)
 
@@ -135,7 +143,7 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Run engine worker(s) on a shared runtime (no HTTP); `tokenfab frontend` serves them."""
-        from tokenfab.frontend.server import run_worker
+        from tokenfab.worker.launch import run_worker
 
         engine = _engine_config(**locals())
         _logging(log_level)

@@ -1,19 +1,18 @@
-"""`tokenfab serve` in one process: N engines, each behind an aggregated worker, and the HTTP
-frontend, all on the local runtime; plus `ServerThread`, the same stack on a background thread
-(tests and benchmarks use it to get a real server on a loopback port).
+"""`tokenfab serve`: the HTTP frontend in this process and N engines, each behind an aggregated
+worker, in processes of their own (or all in this process); `tokenfab frontend` for workers on a
+shared runtime; and `ServerThread`, the serving stack on a background thread (tests and
+benchmarks use it to get a real server on a loopback port).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import os
-import re
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,84 +22,136 @@ from tokenfab.config import EngineConfig, ServerConfig
 from tokenfab.frontend.app import FrontendState, build_app
 from tokenfab.frontend.workers import WorkerPool
 from tokenfab.runtime import Runtime
-from tokenfab.worker import AggregatedWorker, KVEventForwarder
+from tokenfab.worker import AggregatedWorker
+from tokenfab.worker.launch import start_engines, stop_engines
+from tokenfab.worker.processes import EngineProcesses
 
 log = logging.getLogger("tokenfab.serve")
 
 
-async def start_workers(
-    runtime: Runtime, engine: EngineConfig, count: int, id_prefix: str = "worker"
-) -> tuple[list[Any], list[AggregatedWorker]]:
-    """Load the model once and start `count` engines, each behind an aggregated worker."""
-    from tokenfab.engine.engine import AsyncEngine
-    from tokenfab.engine.loader import load_model
-
-    # One copy of the weights serves every engine of this process (they are read-only).
-    loaded = await asyncio.to_thread(load_model, engine.model, engine.dtype, engine.device)
-    engines, workers = [], []
-    for i in range(count):
-        sink = KVEventForwarder()
-        eng = AsyncEngine(dataclasses.replace(engine), event_sink=sink, loaded=loaded)
-        await eng.start()
-        engines.append(eng)
-        worker_id = f"{id_prefix}-{i}" if count > 1 or id_prefix == "worker" else id_prefix
-        worker = AggregatedWorker(eng, runtime, sink, worker_id=worker_id)
-        await worker.start()
-        workers.append(worker)
-    return engines, workers
-
-
-async def stop_workers(engines: list[Any], workers: list[AggregatedWorker]) -> None:
-    for worker in workers:
-        await worker.close()
-    for engine in engines:
-        await engine.shutdown()
-
-
 class ServingStack:
-    """Runtime + engines + workers + frontend app, started and stopped together."""
+    """Runtime + engines + workers + frontend app, started and stopped together.
 
-    def __init__(self, engine: EngineConfig, server: ServerConfig) -> None:
+    By default (`ServerConfig.engine_processes`) each engine runs in its own process on a
+    private runtime (`worker.processes`); otherwise everything shares this process and its
+    event loop (embedding, tests that inspect the engines)."""
+
+    def __init__(self, engine: EngineConfig, server: ServerConfig, log_level: str = "info") -> None:
         if server.workers < 1:
             raise ValueError(f"workers must be at least 1 (got {server.workers})")
         self.engine_config = engine
         self.server_config = server
-        self.runtime = Runtime.local()
+        self.log_level = log_level
+        self.runtime: Runtime | None = None
         self.engines: list[Any] = []
+        """In-process engines (empty with engine processes)."""
         self.workers: list[AggregatedWorker] = []
-        self.pool = WorkerPool(self.runtime)
+        self.processes: EngineProcesses | None = None
+        self.pool: WorkerPool | None = None
         self.app: Any = None
 
     async def start(self) -> None:
-        self.engines, self.workers = await start_workers(
+        try:
+            if self.server_config.engine_processes:
+                await self._start_processes()
+            else:
+                await self._start_in_process()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_in_process(self) -> None:
+        self.runtime = Runtime.local()
+        self.pool = WorkerPool(self.runtime)
+        self.engines, self.workers = await start_engines(
             self.runtime, self.engine_config, self.server_config.workers
         )
         await self.pool.start()
         first = self.engines[0]
         self.app = build_app(
-            FrontendState(
-                pool=self.pool,
-                tokenizer=first.tokenizer,
-                model_name=self.server_config.served_model_name or first.model_name,
-                max_model_len=first.max_model_len,
-                api_key=self.server_config.api_key,
-                max_body_bytes=self.server_config.max_body_bytes,
+            frontend_state(
+                self.pool,
+                self.server_config,
+                first.tokenizer,
+                first.model_name,
+                first.max_model_len,
             )
         )
 
+    async def _start_processes(self) -> None:
+        processes = EngineProcesses(
+            self.engine_config,
+            self.server_config.workers,
+            log_level=self.log_level,
+            on_exit=self._engine_exited,
+        )
+        self.processes = processes
+        await processes.start()
+        self.runtime = await Runtime.connect(processes.url, processes.namespace)
+        self.pool = WorkerPool(self.runtime)
+        await self.pool.start()
+        pool = self.pool
+        await processes.wait_ready(
+            lambda: {w.instance_id for w in pool.workers}, self.server_config.startup_timeout_s
+        )
+        self.app = await remote_frontend_app(pool, self.server_config, None)
+
+    def _engine_exited(self, worker_id: str, code: int) -> None:
+        if self.pool is not None:
+            self.pool.forget(worker_id, f"(engine process) exited with code {code}")
+
     async def stop(self) -> None:
-        await self.pool.close()
-        await stop_workers(self.engines, self.workers)
-        await self.runtime.close()
+        if self.pool is not None:
+            await self.pool.close()
+        await stop_engines(self.engines, self.workers)
+        self.engines, self.workers = [], []
+        if self.runtime is not None:
+            await self.runtime.close()
+            self.runtime = None
+        if self.processes is not None:
+            await self.processes.stop()
+            self.processes = None
 
     def describe(self) -> str:
-        first = self.engines[0]
-        stats = first.stats()
+        state = self.app.state.tokenfab
+        assert self.pool is not None
+        meta = self.pool.workers[0].metadata if self.pool.workers else {}
+        where = "own process each" if self.processes is not None else "in this process"
         return (
-            f"model {self.app.state.tokenfab.model_name} ({first.engine.loaded.path}), "
-            f"{len(self.engines)} worker(s), max_model_len {first.max_model_len}, "
-            f"{stats.kv_blocks_total} KV blocks of {self.engine_config.block_size} tokens each"
+            f"model {state.model_name} ({meta.get('model_path', '?')}), "
+            f"{self.server_config.workers} engine worker(s) ({where}), "
+            f"max_model_len {state.max_model_len}, "
+            f"{meta.get('kv_blocks_total', '?')} KV blocks of {meta.get('block_size', '?')} "
+            "tokens per worker"
         )
+
+
+def frontend_state(
+    pool: WorkerPool, server: ServerConfig, tokenizer: Any, model_name: str, max_model_len: int
+) -> FrontendState:
+    return FrontendState(
+        pool=pool,
+        tokenizer=tokenizer,
+        model_name=server.served_model_name or model_name,
+        max_model_len=max_model_len,
+        api_key=server.api_key,
+        max_body_bytes=server.max_body_bytes,
+    )
+
+
+async def remote_frontend_app(pool: WorkerPool, server: ServerConfig, tokenizer: str | None) -> Any:
+    """The API app for workers in other processes: model name, context length and tokenizer
+    come from the first worker's metadata (or `tokenizer`, a local folder)."""
+    from transformers import AutoTokenizer
+
+    meta = pool.workers[0].metadata
+    path = tokenizer or str(meta.get("model_path") or "")
+    if not path:
+        raise RuntimeError("the worker did not say where its model is: pass --tokenizer")
+    tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
+    name = str(meta.get("model") or Path(path).name)
+    max_len = int(meta.get("max_model_len") or 2048)
+    return build_app(frontend_state(pool, server, tok, name, max_len))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -118,6 +169,25 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn re-raises a caught SIGINT/SIGTERM once it stops serving, which would end the
+    process before the engine processes and the runtime are shut down in order; here the
+    signal only stops serving, and the caller's cleanup runs."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def _uvicorn(app: Any, log_level: str) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
@@ -127,13 +197,13 @@ def _uvicorn(app: Any, log_level: str) -> uvicorn.Server:
         timeout_keep_alive=30,
         lifespan="off",
     )
-    return uvicorn.Server(config)
+    return _Uvicorn(config)
 
 
 async def serve(engine: EngineConfig, server: ServerConfig, log_level: str = "info") -> None:
     """Run until interrupted (Ctrl-C / SIGTERM)."""
     sock = bind_socket(server.host, server.port)  # fail fast on a busy port, before loading
-    stack = ServingStack(engine, server)
+    stack = ServingStack(engine, server, log_level)
     try:
         await stack.start()
         log.info("tokenfab serving %s", stack.describe())
@@ -144,66 +214,16 @@ async def serve(engine: EngineConfig, server: ServerConfig, log_level: str = "in
         sock.close()
 
 
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-async def run_worker(
-    engine: EngineConfig,
-    runtime_url: str,
-    namespace: str = "default",
-    worker_id: str | None = None,
-    count: int = 1,
-) -> None:
-    """`tokenfab worker`: engines registered on a shared runtime, until SIGINT/SIGTERM."""
-    runtime = await Runtime.connect(runtime_url, namespace)
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
-    prefix = worker_id or f"worker-{host}-{os.getpid()}"
-    engines: list[Any] = []
-    workers: list[AggregatedWorker] = []
-    try:
-        engines, workers = await start_workers(runtime, engine, count, prefix)
-        ids = ", ".join(w.worker_id for w in workers)
-        log.info("worker(s) %s serving %s on %s", ids, engines[0].model_name, runtime_url)
-        await _until_signalled()
-    finally:
-        await stop_workers(engines, workers)
-        await runtime.close()
-
-
 async def build_remote_frontend(
     runtime: Runtime, server: ServerConfig, tokenizer: str | None, wait_s: float
 ) -> tuple[Any, WorkerPool]:
-    """A frontend for workers found on a shared runtime: model name, context length and
-    tokenizer come from the first worker's metadata (or `tokenizer`, a local folder)."""
-    from transformers import AutoTokenizer
-
+    """A frontend for the workers found on a shared runtime (waits for the first one)."""
     pool = WorkerPool(runtime)
     await pool.start()
     if not pool.workers:
         log.info("waiting up to %.0fs for a worker to register...", wait_s)
     await pool.wait_for_workers(1, timeout=wait_s)
-    meta = pool.workers[0].metadata
-    path = tokenizer or str(meta.get("model_path") or "")
-    if not path:
-        raise RuntimeError("the worker did not say where its model is: pass --tokenizer")
-    tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
-    app = build_app(
-        FrontendState(
-            pool=pool,
-            tokenizer=tok,
-            model_name=server.served_model_name or str(meta.get("model") or Path(path).name),
-            max_model_len=int(meta.get("max_model_len") or 2048),
-            api_key=server.api_key,
-            max_body_bytes=server.max_body_bytes,
-        )
-    )
-    return app, pool
+    return await remote_frontend_app(pool, server, tokenizer), pool
 
 
 async def run_frontend(
@@ -247,7 +267,7 @@ class ServerThread:
         log_level: str = "warning",
     ) -> None:
         self.engine_config = engine
-        self.server_config = server or ServerConfig(port=0)
+        self.server_config = server or ServerConfig(port=0, engine_processes=False)
         self.log_level = log_level
         self.url = ""
         self.stack: ServingStack | None = None
@@ -274,7 +294,7 @@ class ServerThread:
         sc = self.server_config
         sock = bind_socket(sc.host, sc.port)
         self.url = url_of(sock)
-        stack = ServingStack(self.engine_config, sc)
+        stack = ServingStack(self.engine_config, sc, self.log_level)
         try:
             await stack.start()
             self.stack = stack
@@ -284,9 +304,8 @@ class ServerThread:
                 await asyncio.sleep(0.01)
             self._ready.set()
             await serving
-        except BaseException as e:
+        except Exception as e:  # reported by start() (or kept for the caller to inspect)
             self._error = e
-            raise
         finally:
             self._ready.set()
             with contextlib.suppress(Exception):

@@ -60,13 +60,23 @@ class WorkerPool:
     async def _watch(self) -> None:
         async for event in self.runtime.watch(WORKER_COMPONENT):
             if event.kind == "added":
-                self._workers[event.instance.instance_id] = event.instance
-            else:
                 wid = event.instance.instance_id
-                self._workers.pop(wid, None)
-                for stream in list(self._active.pop(wid, ())):
-                    stream.fail("unavailable", f"worker {wid} went away")
-            self._changed.set()
+                old = self._workers.get(wid)
+                if old is not None and old.incarnation != event.instance.incarnation:
+                    self.forget(wid, "restarted")  # its old streams died with it
+                self._workers[wid] = event.instance
+                self._changed.set()
+            else:
+                self.forget(event.instance.instance_id, "went away")
+
+    def forget(self, worker_id: str, reason: str) -> None:
+        """Drop a worker known to be gone (discovery said so, or its process exited): its
+        streams in flight fail now instead of waiting for a lease to expire. Discovery adds
+        it back when it registers again."""
+        self._workers.pop(worker_id, None)
+        for stream in list(self._active.pop(worker_id, ())):
+            stream.fail("unavailable", f"worker {worker_id} {reason}")
+        self._changed.set()
 
     @property
     def workers(self) -> list[InstanceInfo]:

@@ -130,11 +130,14 @@ class BusDiscovery:
                 continue
             iid = msg.instance.instance_id
             if msg.kind == "up":
-                known = iid in view.entries
+                old = view.entries.get(iid)
                 view.entries[iid] = (msg.instance, self._clock.now() + msg.ttl)
-                if not known:
+                if old is None or old[0].incarnation != msg.instance.incarnation:
                     self._notify(view, "added", msg.instance)
-            elif view.entries.pop(iid, None) is not None:
+            elif (old := view.entries.get(iid)) is not None and (
+                old[0].incarnation == msg.instance.incarnation
+            ):  # a late `down` of an earlier incarnation must not remove its successor
+                del view.entries[iid]
                 self._notify(view, "removed", msg.instance)
 
     def _notify(self, view: _View, kind: str, info: InstanceInfo) -> None:

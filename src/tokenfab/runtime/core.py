@@ -376,6 +376,7 @@ class Runtime:
             component=check_token(component, "component"),
             endpoints=list(endpoints or []),
             metadata=dict(metadata or {}),
+            incarnation=uuid.uuid4().hex,
         )
         lease_id = await self.discovery.put(info, lease_ttl)
         reg = Registration(info, lease_id, lease_ttl, self)

@@ -71,4 +71,7 @@ class NatsBus:
         if self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         if not self.nc.is_closed:
-            await self.nc.drain()
+            try:
+                await self.nc.drain()
+            except Exception:  # e.g. the server is already gone: nothing left to drain
+                await _quiet(self.nc.close())

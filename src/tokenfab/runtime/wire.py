@@ -21,6 +21,9 @@ class InstanceInfo(msgspec.Struct, kw_only=True):
     component: str
     endpoints: list[str] = []
     metadata: dict[str, str | int | float | bool | None] = {}
+    incarnation: str = ""
+    """Unique per registration: an instance that comes back under the same id (a restarted
+    process) is a new incarnation, so watchers see it `added` again."""
 
 
 class DiscoveryEvent(msgspec.Struct, kw_only=True):

@@ -85,6 +85,7 @@ class AggregatedWorker:
             "model_path": str(getattr(getattr(inner, "loaded", None), "path", "") or ""),
             "max_model_len": int(self.engine.max_model_len),
             "block_size": int(getattr(cfg, "block_size", 16)),
+            "kv_blocks_total": int(getattr(self.engine.stats(), "kv_blocks_total", 0) or 0),
         }
 
     async def start(self) -> None:

