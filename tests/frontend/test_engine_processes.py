@@ -95,3 +95,58 @@ def test_engine_that_cannot_start_fails_startup_with_its_exit_code(tmp_path: Pat
     with pytest.raises(RuntimeError, match="exited with code 1"):
         srv.start(timeout=120)
     srv.stop()
+
+
+def _children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(") ", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_command_stops_cleanly_on_signal(tiny_llama: Path, tmp_path: Path, sig) -> None:  # type: ignore[no-untyped-def]
+    """The real CLI: a signal stops serving, then the engines, then the nats-server; the
+    process exits 0 and leaves no child behind (uvicorn's own handling would re-raise the
+    signal first and kill the engines' runtime under them)."""
+    import subprocess
+    import sys
+
+    from tokenfab.runtime.nats_server import free_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [str(Path(sys.executable).with_name("tokenfab")), "serve", "--model", str(tiny_llama)]
+    cmd += ["--port", str(port), "--kv-blocks", "128", "--max-model-len", "256"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert _wait(healthy, 120), log.read_text()[-2000:]
+        body = {"model": tiny_llama.name, "prompt": "hi", "max_tokens": 3}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        children = _children_of(proc.pid)
+        assert len(children) == 2  # one engine process and the nats-server
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _wait(lambda: not any(_alive(p) for p in children), 30)
+    text = log.read_text()
+    assert "Traceback" not in text and "unexpected EOF" not in text, text[-2000:]
