@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m tokenfab.worker.child SPEC_JSON", file=sys.stderr)
         return 2
     spec = msgspec.json.decode(args[0], type=ChildSpec)
+    from tokenfab.worker.processes import die_with_parent
+
+    die_with_parent()
+    if os.getppid() != spec.parent_pid:  # the parent died before the line above
+        return 0
     if spec.cpus and hasattr(os, "sched_setaffinity"):
         # Before torch starts its thread pool, so the pool is sized to these CPUs.
         os.sched_setaffinity(0, spec.cpus)

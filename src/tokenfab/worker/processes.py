@@ -36,11 +36,19 @@ log = logging.getLogger("tokenfab.serve")
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM us when the parent dies, so a killed
-    server leaves no engine or nats-server behind (engines also poll their parent)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+def die_with_parent(prctl: Callable[..., int] | None = None) -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, so a killed server leaves no
+    engine or nats-server behind (engines also poll their parent). No-op elsewhere."""
+    prctl = prctl or _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def cpu_sets(count: int, cpus: Sequence[int]) -> list[list[int] | None]:
@@ -109,7 +117,10 @@ class EngineProcesses:
         # forked, which must live as long as the service.
         # Own sessions (for the engines too): a Ctrl-C in the terminal reaches only us, and we
         # stop the engines before the server they talk through.
-        self.nats = NatsServer(preexec_fn=_die_with_parent, new_session=True)
+        # nats-server is a Go binary, so its death signal is set between fork and exec, with
+        # prctl resolved beforehand so the forked child only makes the call.
+        prctl = _prctl()
+        self.nats = NatsServer(preexec_fn=lambda: die_with_parent(prctl), new_session=True)
         self.nats.start()
         pinned = cpu_sets(self.count, sorted(os.sched_getaffinity(0)))
         for wid, cpus in zip(self.worker_ids(), pinned, strict=True):
@@ -134,8 +145,7 @@ class EngineProcesses:
             "-m",
             "tokenfab.worker.child",
             msgspec.json.encode(spec).decode(),
-            preexec_fn=_die_with_parent,
-            start_new_session=True,
+            start_new_session=True,  # the child sets its own death signal (worker/child.py)
         )
 
     async def wait_ready(self, ready: Callable[[], set[str]], timeout: float) -> None:
