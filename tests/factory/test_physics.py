@@ -122,3 +122,29 @@ def test_disagg_rate_matching(dsv3):
     assert predict(dsv3, gb200, starved).ttft_ms > 5 * predict(dsv3, gb200, big).ttft_ms
     p = predict(dsv3, gb200, big)
     assert p.num_gpus == 4 * big.prefill_workers + 16 * big.decode_workers
+
+
+def test_host_cost_per_sequence_does_not_shrink_with_tp(llama70):
+    # the host prepares, samples and streams every running sequence of a rank each step:
+    # 60 more sequences cost at least 60 x seq_us whatever the TP degree, while the GPU work
+    # of those rows is split over the TP ranks
+    from dataclasses import replace
+
+    from tokenfab.factory.perf import DEFAULT_CAL
+
+    h200 = get_system("h200")
+    no_host = replace(DEFAULT_CAL, seq_us=0.0)
+    host = replace(DEFAULT_CAL, seq_us=100.0)
+    for tp in (1, 8):
+        lay = Layout(tp=tp, precision="fp8")
+        grow = [
+            decode_step_time(llama70, h200, lay, 64, 2048, cal)
+            - decode_step_time(llama70, h200, lay, 4, 2048, cal)
+            for cal in (no_host, host)
+        ]
+        assert grow[1] - grow[0] == pytest.approx(60 * 100e-6, rel=1e-9)
+    # under attention DP each rank carries its own sequences: the busiest rank's count
+    dp = Layout(tp=1, attn_dp=8, precision="fp8")
+    t0 = decode_step_time(llama70, h200, dp, 64, 2048, no_host)
+    t1 = decode_step_time(llama70, h200, dp, 64, 2048, host)
+    assert t1 - t0 == pytest.approx(8 * 100e-6, rel=1e-9)

@@ -56,6 +56,7 @@ BACKEND_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("layer_us", 0.5, 200.0),
     ("prefill_layer_us", 1.0, 3000.0),
     ("step_ms", 0.05, 20.0),
+    ("seq_us", 0.1, 500.0),
     ("ttft_ms", 1.0, 1000.0),
     ("queue_weight", 0.01, 2.0),
     ("prefill_chunk", 512.0, 32768.0),

@@ -98,6 +98,9 @@ class Calibration:
     mla_prefill_us: float = 200.0  # extra per MLA layer in such a step (latent up-projection)
     linear_prefill_us: float = 200.0  # extra per linear-attention layer (chunked scan)
     step_ms: float = 0.5  # fixed per-step overhead (scheduler, sampling, launch)
+    # host work per running sequence per step on its rank (input preparation, sampling,
+    # detokenizing and streaming the token): grows with the batch but not with TP
+    seq_us: float = 20.0
     fp4_flops_scale: float = 0.6  # achieved fp4 rate relative to the fp8 kernels' fraction
     expert_us: float = 0.5  # fixed cost per touched expert per MoE layer on a GPU
     moe_imbalance: float = 1.0  # busiest GPU's expert load over the mean at large batch
@@ -266,7 +269,8 @@ def step_time(
         ) * 1e-6
     else:
         total += m.num_layers * cal.layer_us * 1e-6
-    return total + cal.step_ms * 1e-3
+    # host work of the busiest rank's sequences
+    return total + cal.step_ms * 1e-3 + rows * cal.seq_us * 1e-6
 
 
 def _moe_layer(m: ModelSpec, lay: Layout, hw: _HW, tokens: float, t_dp: float, cal) -> float:
