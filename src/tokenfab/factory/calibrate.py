@@ -33,9 +33,7 @@ COMMON_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("flops_half_elems", 1e4, 1e9),
     ("attn_eff", 0.05, 0.9),
     ("decode_attn_eff", 0.02, 0.9),
-    ("moe_prefill_us", 1.0, 5000.0),
     ("expert_us", 0.01, 50.0),
-    ("mla_prefill_us", 1.0, 5000.0),
     ("linear_prefill_us", 1.0, 5000.0),
     ("link_eff", 0.1, 0.95),
     ("scaleout_lat_us", 1.0, 500.0),
@@ -55,6 +53,8 @@ BACKEND_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("coll_lat_us", 1.0, 200.0),
     ("layer_us", 0.5, 200.0),
     ("prefill_layer_us", 1.0, 3000.0),
+    ("moe_prefill_us", 1.0, 5000.0),
+    ("mla_prefill_us", 1.0, 5000.0),
     ("step_ms", 0.05, 20.0),
     ("seq_us", 0.1, 500.0),
     ("ttft_ms", 1.0, 1000.0),
@@ -262,7 +262,11 @@ def fit(
     x0 = obj.start()
     if start:
         for i, (n, b) in enumerate(obj.names):
-            src = start.get("common", {}) if b is None else start.get("backends", {}).get(b, {})
+            common = start.get("common", {})
+            # a parameter that moved between shared and per backend starts from its old value
+            src = common if b is None else {**common, **start.get("backends", {}).get(b, {})}
+            if b is None and n not in src:
+                src = _mean_backend(start.get("backends", {}))
             if n in src:
                 x0[i] = src[n]
     x, _ = levenberg_marquardt(obj, x0, obj.bounds, iters=sweeps, progress=progress)
