@@ -150,3 +150,43 @@ def test_serve_command_stops_cleanly_on_signal(tiny_llama: Path, tmp_path: Path,
     assert _wait(lambda: not any(_alive(p) for p in children), 30)
     text = log.read_text()
     assert "Traceback" not in text and "unexpected EOF" not in text, text[-2000:]
+
+
+def test_request_moves_to_another_worker_when_its_worker_is_gone(tiny_llama: Path) -> None:
+    """A worker that reports itself gone (`unavailable`) before the first token has shown the
+    client nothing, so the frontend sends the request to another worker: no request fails."""
+    from tokenfab.protocol import WORKER_COMPONENT, GenerateRequest
+    from tokenfab.runtime import RemoteError
+
+    engine = EngineConfig(model=str(tiny_llama), num_kv_blocks=256, max_model_len=256)
+    srv = ServerThread(engine, ServerConfig(port=0, engine_processes=False))
+    url = srv.start()
+    calls = []
+    try:
+        stack = srv.stack
+        assert stack is not None and stack.runtime is not None and stack.pool is not None
+
+        async def add_vanishing_worker():  # type: ignore[no-untyped-def]
+            reg = await stack.runtime.register(  # type: ignore[union-attr]
+                WORKER_COMPONENT, "aaa-vanishing", endpoints=["generate"]
+            )
+
+            async def generate(req, ctx):  # type: ignore[no-untyped-def]
+                calls.append(req.request_id)
+                raise RemoteError("unavailable", "engine process exited with code -9")
+                yield  # an async generator, like every handler
+
+            await reg.serve("generate", GenerateRequest, generate)
+            return reg
+
+        reg = srv.call(add_vanishing_worker())
+        assert _wait(lambda: len(stack.pool.workers) == 2, 30)  # type: ignore[union-attr]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        model = client.models.list().data[0].id
+        for _ in range(6):
+            out = client.completions.create(model=model, prompt="hello", max_tokens=4)
+            assert out.usage is not None and out.usage.completion_tokens == 4
+        assert len(calls) >= 2  # round-robin sent some requests to it first
+        srv.call(reg.close())
+    finally:
+        srv.stop()

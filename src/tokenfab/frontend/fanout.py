@@ -8,6 +8,7 @@ response that the server is tearing down after a client disconnect.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,10 @@ from tokenfab.protocol import GenerateOutput, GenerateRequest
 from tokenfab.runtime import RemoteError, ResponseStream
 
 _END = object()
+MAX_ATTEMPTS = 3
+"""Workers tried for one engine request whose worker vanishes before its first output."""
+
+log = logging.getLogger(__name__)
 
 
 class Fanout:
@@ -31,7 +36,7 @@ class Fanout:
         self._requests = requests
         self._metrics = metrics
         self._arrival = arrival
-        self._streams: list[ResponseStream[GenerateOutput]] = []
+        self._streams: list[ResponseStream[GenerateOutput] | None] = [None] * len(requests)
         self._last: list[float | None] = [None] * len(requests)
         self._tasks: list[asyncio.Task[None]] = []
         self.finished = [False] * len(requests)
@@ -40,10 +45,9 @@ class Fanout:
         """Send every request and wait for each one's first output, so that admission errors
         (invalid request, queue full) surface before any response byte is sent."""
         try:
-            for req in self._requests:
-                self._streams.append(await self._pool.generate(req))
             firsts = await asyncio.gather(
-                *(anext(s) for s in self._streams), return_exceptions=True
+                *(self._open(i, req) for i, req in enumerate(self._requests)),
+                return_exceptions=True,
             )
         except BaseException:
             self.cancel()
@@ -62,6 +66,22 @@ class Fanout:
             self._observe(i, out)
         return outs
 
+    async def _open(self, i: int, req: GenerateRequest) -> GenerateOutput:
+        """Request `i`'s stream and first output. A worker that is gone before the first
+        output (its process died, or it left discovery) has produced nothing the client has
+        seen, so the request goes to another worker instead of failing."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            stream = await self._pool.generate(req)
+            self._streams[i] = stream
+            try:
+                return await anext(stream)
+            except RemoteError as e:
+                stream.cancel()
+                if e.code != "unavailable" or attempt == MAX_ATTEMPTS or not self._pool.workers:
+                    raise
+                log.warning("request %s: %s; retrying on another worker", req.request_id, e)
+        raise AssertionError("unreachable")
+
     async def rest(self) -> AsyncIterator[tuple[int, GenerateOutput]]:
         """The outputs after the first ones, as (index, output), in arrival order."""
         queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
@@ -78,7 +98,7 @@ class Fanout:
         loop = asyncio.get_running_loop()
         pending = 0
         for i, stream in enumerate(self._streams):
-            if not self.finished[i]:
+            if stream is not None and not self.finished[i]:
                 self._tasks.append(loop.create_task(pump(i, stream)))
                 pending += 1
         try:
@@ -116,6 +136,7 @@ class Fanout:
     def cancel(self) -> None:
         """Stop every unfinished engine request (the workers abort them and free their KV)."""
         for stream in self._streams:
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
         for task in self._tasks:
             task.cancel()
