@@ -93,3 +93,44 @@ def test_poisson_rate_run_stops_sending_at_the_duration(server_url: str) -> None
     assert doc["config"]["mode"] == "rate"
     assert 1 <= doc["summary"]["requests"] <= 60  # ~20 expected; bounded by the duration
     assert doc["summary"]["failed"] == 0
+
+
+def test_a_lone_end_of_sequence_token_is_a_completed_request(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A request whose only token is end-of-sequence streams no text, just the finish marker
+    (usage: 1 completion token); the load generator must count it as completed, its TTFT at
+    that marker, not as a failure."""
+    import shutil
+
+    from tokenfab import LLM, SamplingParams
+    from tokenfab.frontend.server import ServerThread
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    prompt = [100 + i for i in range(16)]
+    first = LLM(str(model)).generate(
+        [prompt], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False
+    )
+    gen_cfg = model / "generation_config.json"
+    cfg = json.loads(gen_cfg.read_text())
+    cfg["eos_token_id"] = [first[0].token_ids[0]]  # the model's first greedy token ends it
+    gen_cfg.write_text(json.dumps(cfg))
+
+    import asyncio
+
+    import httpx
+
+    from tokenfab.bench.client import ClientConfig, send_streaming
+    from tokenfab.bench.workload import RequestSpec
+
+    async def once(url: str):  # type: ignore[no-untyped-def]
+        cc = ClientConfig(base_url=url, model="model", ignore_eos=False)
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await send_streaming(client, cc, RequestSpec(0, prompt, 8), 0.0)
+
+    engine = EngineConfig(model=str(model), num_kv_blocks=64)
+    with ServerThread(engine) as url:
+        res = asyncio.run(once(url))
+    assert res.ok, res.error
+    assert res.output_tokens == 1 and res.ttft is not None and res.ttft <= res.e2e

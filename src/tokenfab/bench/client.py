@@ -74,6 +74,7 @@ async def send_streaming(
     last: float | None = None
     chunks = 0
     usage_tokens: int | None = None
+    finished_at: float | None = None
     try:
         async with client.stream(
             "POST", cfg.completions_url, json=request_body(cfg, spec), headers=cfg.headers()
@@ -106,11 +107,17 @@ async def send_streaming(
                         res.itls.append(now - last)
                     last = now
                     chunks += 1
+                elif choices and finished_at is None:
+                    finished_at = now
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"[:200]
         return res
     res.e2e = time.perf_counter() - start
     res.output_tokens = usage_tokens if usage_tokens is not None else chunks
+    if res.ttft is None and res.output_tokens > 0 and finished_at is not None:
+        # The only token was one with no text (e.g. end-of-sequence right away): it arrived
+        # with the finish marker.
+        res.ttft = finished_at - start
     res.ok = res.ttft is not None or res.output_tokens == 0
     if not res.ok:
         res.error = "stream ended without any generated text"
