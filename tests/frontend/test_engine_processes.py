@@ -190,3 +190,28 @@ def test_request_moves_to_another_worker_when_its_worker_is_gone(tiny_llama: Pat
         srv.call(reg.close())
     finally:
         srv.stop()
+
+
+def test_service_recovers_when_its_nats_server_dies(tiny_llama: Path) -> None:
+    engine = EngineConfig(model=str(tiny_llama), num_kv_blocks=128, max_model_len=256)
+    srv = ServerThread(engine, ServerConfig(port=0, engine_processes=True))
+    url = srv.start()
+    try:
+        assert srv.stack is not None and srv.stack.processes is not None
+        nats = srv.stack.processes.nats
+        assert nats is not None and nats._proc is not None
+        old_pid = nats._proc.pid
+        os.kill(old_pid, signal.SIGKILL)
+        body = {"model": tiny_llama.name, "prompt": "hi", "max_tokens": 3}
+
+        def answers() -> bool:
+            try:
+                r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+            except httpx.HTTPError:
+                return False
+            return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+        assert _wait(answers, 60)
+        assert nats._proc.pid != old_pid and nats.running()
+    finally:
+        srv.stop()

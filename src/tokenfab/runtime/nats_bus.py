@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from tokenfab.runtime.bus import QueuedSubscription
+
+log = logging.getLogger(__name__)
 
 
 class NatsSubscription(QueuedSubscription):
@@ -48,7 +51,28 @@ class NatsBus:
     async def connect(cls, url: str, name: str = "tokenfab") -> NatsBus:
         import nats
 
-        nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, connect_timeout=5)
+        async def on_error(e: Exception) -> None:  # one line, not nats-py's traceback
+            log.warning("nats %s: %s", url, f"{type(e).__name__}: {e}".rstrip(": "))
+
+        conn: list[Any] = []
+
+        async def on_disconnected() -> None:
+            if conn and not (conn[0].is_closed or conn[0].is_draining):  # not our own close
+                log.warning("nats %s: disconnected; reconnecting", url)
+
+        async def on_reconnected() -> None:
+            log.warning("nats %s: reconnected", url)
+
+        nc = await nats.connect(
+            url,
+            name=name,
+            max_reconnect_attempts=-1,
+            connect_timeout=5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
+        conn.append(nc)
         return cls(nc)
 
     async def publish(self, subject: str, data: bytes) -> None:

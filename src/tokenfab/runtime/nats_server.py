@@ -66,6 +66,9 @@ class NatsServer:
                     raise RuntimeError(msg) from None
                 time.sleep(0.05)
 
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()

