@@ -7,9 +7,11 @@ Splits:
 - random 5-fold (rows at random),
 - grouped 5-fold by series (a whole concurrency sweep of one deployment is held out together,
   so repeated measurements of the same configuration cannot leak),
-- leave-one-model-out (`--lomo`: every row of a model held out; slow, one fit per model).
+- leave-one-model-out (`--lomo`: every row of a model held out; slow, one fit per model),
+- leave-one-system-out (`--loso`: every row of a GPU system held out, the way rows from GPUs
+  outside the file will be predicted; one fit per system).
 
-    .venv/bin/python benchmarks/plan_accuracy.py [--data FILE] [--folds 5] [--lomo] [--json]
+    .venv/bin/python benchmarks/plan_accuracy.py [--data FILE] [--folds 5] [--lomo] [--loso] [--json]
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--sweeps", type=int, default=25, help="most fit iterations per fold")
     ap.add_argument("--lomo", action="store_true", help="also leave-one-model-out")
+    ap.add_argument("--loso", action="store_true", help="also leave-one-system-out")
     ap.add_argument("--no-kfold", action="store_true", help="skip the k-fold splits")
     ap.add_argument(
         "--no-grouped", action="store_true", help="random k-fold only (skip the grouped split)"
@@ -68,6 +71,9 @@ def main() -> None:
     if args.lomo:
         models = sorted({c.model.name for c in cases})
         splits["leave-one-model-out"] = [models.index(c.model.name) for c in cases]
+    if args.loso:
+        systems = sorted({c.system.key for c in cases})
+        splits["leave-one-system-out"] = [systems.index(c.system.key) for c in cases]
     for name, folds in splits.items():
         t0 = time.perf_counter()
         res = cross_validate(
