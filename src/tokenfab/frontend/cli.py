@@ -139,7 +139,9 @@ def register(app: typer.Typer) -> None:
         max_waiting: int = typer.Option(4096, help="Queued requests beyond this are refused."),
         dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
         no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
-        num_threads: int = typer.Option(None, help="Torch threads (default: torch's choice)."),
+        num_threads: int = typer.Option(
+            None, help="Torch threads per engine (default: tuned while running)."
+        ),
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Run engine worker(s) on a shared runtime (no HTTP); `tokenfab frontend` serves them."""
