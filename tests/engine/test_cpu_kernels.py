@@ -30,11 +30,12 @@ def _meta(positions: list[int], tables: list[list[int]], bs: int) -> AttentionMe
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("head_dim", [64, 48])
+@pytest.mark.parametrize("bs", [16, 8])  # the 16-token-block variant and the general one
 def test_decode_attention_matches_sdpa(
-    dtype: torch.dtype, window: int | None, head_dim: int
+    dtype: torch.dtype, window: int | None, head_dim: int, bs: int
 ) -> None:
     gen = torch.Generator().manual_seed(0)
-    bs, kvh, heads, blocks = 16, 3, 9, 40
+    kvh, heads, blocks = 3, 9, 40
     k_cache = torch.randn(blocks, bs, kvh, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(blocks, bs, kvh, head_dim, generator=gen).to(dtype)
     positions = [0, 15, 16, 77, 130]  # block edges and a long context

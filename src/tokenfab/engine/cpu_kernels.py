@@ -79,6 +79,25 @@ static inline void prefetch_block(const uint16_t *kc, const uint16_t *vc, int64_
             _mm_prefetch((const char *)(vc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
         }
 }
+/* Rescale a head group's accumulator when its running max moved (online softmax). */
+static inline void attn_rescale(__m512 *acc, float corr, int D) {
+    if (corr == 1.f) return;
+    const __m512 cv = _mm512_set1_ps(corr);
+    for (int c = 0; c < D / 16; c++) acc[c] = _mm512_mul_ps(acc[c], cv);
+}
+/* acc[g] += sum over keys i in [i0, i1] of w[g * ws + i] * V row i (rows at base + i*KVH). */
+static inline void attn_accumulate_v(__m512 acc[MAXG][MAXD / 16], const uint16_t *vc,
+                                     int64_t base, int KVH, int D, int G, int i0, int i1,
+                                     const float *w, int ws) {
+    for (int i = i0; i <= i1; i++) {
+        const uint16_t *vr = vc + (base + (int64_t)i * KVH) * D;
+        for (int c = 0; c < D / 16; c++) {
+            const __m512 vf = load16_bf16(vr + c * 16);
+            for (int g = 0; g < G; g++)
+                acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(w[g * ws + i]), vf, acc[g][c]);
+        }
+    }
+}
 static inline void attn_store_bf16(__m512 acc[MAXG][MAXD / 16], const float *l, uint16_t *out,
                                    int G, int D) {
     for (int g = 0; g < G; g++) {
@@ -97,7 +116,7 @@ static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uin
     __m512bh qb[MAXG][MAXD / 32];
     __m512 acc[MAXG][MAXD / 16];
     float m[MAXG], l[MAXG], s[MAXG][64];
-    const int nq = D / 32, nv = D / 16;
+    const int nq = D / 32;
     attn_init_bf16(q, qb, acc, m, l, G, D);
     for (int64_t t0 = (first / BS) * BS; t0 <= p; t0 += BS) {
         const int64_t blk = bt[t0 / BS];
@@ -123,21 +142,11 @@ static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uin
             for (int i = 0; i < n; i++) mx = s[g][i] > mx ? s[g][i] : mx;
             const float corr = expf(m[g] - mx);
             l[g] *= corr;
-            if (corr != 1.f) {
-                const __m512 cv = _mm512_set1_ps(corr);
-                for (int c = 0; c < nv; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
-            }
+            attn_rescale(acc[g], corr, D);
             for (int i = 0; i < n; i++) { s[g][i] = expf(s[g][i] - mx); l[g] += s[g][i]; }
             m[g] = mx;
         }
-        for (int i = 0; i < n; i++) {
-            const uint16_t *vr = vc + (base + (int64_t)i * KVH) * D;
-            for (int c = 0; c < nv; c++) {
-                const __m512 vf = load16_bf16(vr + c * 16);
-                for (int g = 0; g < G; g++)
-                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][i]), vf, acc[g][c]);
-            }
-        }
+        attn_accumulate_v(acc, vc, base, KVH, D, G, 0, n - 1, &s[0][0], 64);
     }
     attn_store_bf16(acc, l, out, G, D);
 }
@@ -186,7 +195,7 @@ static void attn_item_bf16_b16(const uint16_t *q, const uint16_t *kc, const uint
     __m512 acc[MAXG][MAXD / 16];
     float m[MAXG], l[MAXG];
     float pa[MAXG][16] __attribute__((aligned(64)));
-    const int nq = D / 32, nv = D / 16;
+    const int nq = D / 32;
     attn_init_bf16(q, qb, acc, m, l, G, D);
     const __m512 vscale = _mm512_set1_ps(scale), neg = _mm512_set1_ps(-1e30f);
     for (int64_t t0 = (first / 16) * 16; t0 <= p; t0 += 16) {
@@ -216,20 +225,10 @@ static void attn_item_bf16_b16(const uint16_t *q, const uint16_t *kc, const uint
             const __m512 pr = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(mx))));
             l[g] = l[g] * corr + _mm512_reduce_add_ps(pr);
             m[g] = mx;
-            if (corr != 1.f) {
-                const __m512 cv = _mm512_set1_ps(corr);
-                for (int c = 0; c < nv; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
-            }
+            attn_rescale(acc[g], corr, D);
             _mm512_store_ps(pa[g], pr);
         }
-        for (int i = i0; i <= i1; i++) {
-            const uint16_t *vr = vc + (base + (int64_t)i * KVH) * D;
-            for (int c = 0; c < nv; c++) {
-                const __m512 vf = load16_bf16(vr + c * 16);
-                for (int g = 0; g < G; g++)
-                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(pa[g][i]), vf, acc[g][c]);
-            }
-        }
+        attn_accumulate_v(acc, vc, base, KVH, D, G, i0, i1, &pa[0][0], 16);
     }
     attn_store_bf16(acc, l, out, G, D);
 }
