@@ -33,7 +33,7 @@ from tokenfab.engine.runner import Runner, StepBatch
 from tokenfab.engine.sampler import Sampler, SampleResult, SampleRow, make_generator
 from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenfab.engine.sequence import Sequence
-from tokenfab.engine.threads import ThreadTuner, available_cpus
+from tokenfab.engine.threads import ThreadTuner, available_cpus, settle_threadsafe
 from tokenfab.protocol import GenerateOutput, GenerateRequest, PositionLogprobs
 
 log = logging.getLogger(__name__)
@@ -564,14 +564,16 @@ class AsyncEngine:
 
     def _run(self, built: asyncio.Future[LLMEngine]) -> None:
         # torch releases the GIL inside ops, so this thread computes while the loop serves.
+        loop = self._loop
+        assert loop is not None
         try:
             engine = LLMEngine(
                 self.config, event_sink=self._event_sink, clock=self._clock, loaded=self._loaded
             )
         except BaseException as e:
-            self._resolve(built, e)
+            settle_threadsafe(loop, built, e)
             return
-        self._resolve(built, engine)
+        settle_threadsafe(loop, built, engine)
         try:
             self._loop_forever(engine)
         except BaseException as e:  # a bug in the loop itself: fail everyone, refuse new work
@@ -582,18 +584,6 @@ class AsyncEngine:
                 for rid in list(self._queues)
             ]
             self._post(list(dead))
-
-    def _resolve(self, fut: asyncio.Future[LLMEngine], value: LLMEngine | BaseException) -> None:
-        def settle() -> None:
-            if fut.done():
-                return
-            if isinstance(value, BaseException):
-                fut.set_exception(value)
-            else:
-                fut.set_result(value)
-
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(settle)
 
     def _loop_forever(self, engine: LLMEngine) -> None:
         while True:

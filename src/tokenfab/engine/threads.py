@@ -95,6 +95,23 @@ def _alike(a: int, b: int) -> bool:
     return b > 0 and max(a, b) <= 2 * min(a, b)
 
 
+def settle_threadsafe(
+    loop: asyncio.AbstractEventLoop, fut: asyncio.Future[T], value: T | BaseException
+) -> None:
+    """From any thread: complete `fut` (on `loop`) with `value`, or fail it if `value` is an
+    exception. A future already done (e.g. its waiter was cancelled) is left alone."""
+
+    def settle() -> None:
+        if fut.done():
+            return
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+
+    loop.call_soon_threadsafe(settle)
+
+
 async def in_fresh_thread(fn: Callable[..., T], *args: object) -> T:
     """`fn(*args)` on a new thread that ends with it. Unlike `asyncio.to_thread`, whose
     executor threads live on, the OpenMP thread team any torch work creates there goes away
@@ -102,21 +119,12 @@ async def in_fresh_thread(fn: Callable[..., T], *args: object) -> T:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[T] = loop.create_future()
 
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if fut.done():
-            return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)  # type: ignore[arg-type]
-
     def body() -> None:
         try:
-            result = fn(*args)
+            result: T | BaseException = fn(*args)
         except BaseException as e:
-            loop.call_soon_threadsafe(settle, None, e)
-            return
-        loop.call_soon_threadsafe(settle, result, None)
+            result = e
+        settle_threadsafe(loop, fut, result)
 
     thread = threading.Thread(target=body, name="tokenfab-load", daemon=True)
     thread.start()
