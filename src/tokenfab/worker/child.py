@@ -8,13 +8,33 @@ option has to be spelled twice.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import signal
 import sys
+from collections.abc import Callable
 
 import msgspec
 
 from tokenfab.config import EngineConfig
+
+_PR_SET_PDEATHSIG = 1
+
+
+def libc_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+def die_with_parent(prctl: Callable[..., int] | None = None) -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, so a killed server leaves no
+    engine or nats-server behind (engines also poll their parent). No-op elsewhere."""
+    prctl = prctl or libc_prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ChildSpec(msgspec.Struct, frozen=True):
@@ -35,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m tokenfab.worker.child SPEC_JSON", file=sys.stderr)
         return 2
     spec = msgspec.json.decode(args[0], type=ChildSpec)
-    from tokenfab.worker.processes import die_with_parent
-
     die_with_parent()
     if os.getppid() != spec.parent_pid:  # the parent died before the line above
         return 0

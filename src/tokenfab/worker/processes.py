@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -30,26 +29,9 @@ import msgspec
 
 from tokenfab.config import EngineConfig
 from tokenfab.runtime.nats_server import NatsServer, nats_server_binary
-from tokenfab.worker.child import ChildSpec
+from tokenfab.worker.child import ChildSpec, die_with_parent, libc_prctl
 
 log = logging.getLogger("tokenfab.serve")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _prctl() -> Callable[..., int] | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-def die_with_parent(prctl: Callable[..., int] | None = None) -> None:
-    """Ask Linux to SIGTERM this process when its parent dies, so a killed server leaves no
-    engine or nats-server behind (engines also poll their parent). No-op elsewhere."""
-    prctl = prctl or _prctl()
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def cpu_sets(count: int, cpus: Sequence[int]) -> list[list[int] | None]:
@@ -127,7 +109,7 @@ class EngineProcesses:
         # us and we stop the engines before the server they talk through. nats-server is a Go
         # binary: its death signal is set between fork and exec, with prctl resolved
         # beforehand so the forked child only makes the call.
-        prctl = _prctl()
+        prctl = libc_prctl()
         self.nats = NatsServer(preexec_fn=lambda: die_with_parent(prctl), new_session=True)
         self.nats.start()
         pinned = cpu_sets(self.count, sorted(os.sched_getaffinity(0)))
