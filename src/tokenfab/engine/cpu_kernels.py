@@ -79,6 +79,17 @@ static inline void prefetch_block(const uint16_t *kc, const uint16_t *vc, int64_
             _mm_prefetch((const char *)(vc + (nb + (int64_t)i * KVH) * D) + c, _MM_HINT_T0);
         }
 }
+/* The G query heads' q.k partial sums (16 lanes each, not yet reduced) for one key row. */
+static inline void attn_qk_row(const uint16_t *kr, __m512bh qb[MAXG][MAXD / 32], int G, int D,
+                               __m512 *dots) {
+    __m512bh kb[MAXD / 32];
+    for (int c = 0; c < D / 32; c++) kb[c] = (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32));
+    for (int g = 0; g < G; g++) {
+        __m512 d = _mm512_setzero_ps();
+        for (int c = 0; c < D / 32; c++) d = _mm512_dpbf16_ps(d, qb[g][c], kb[c]);
+        dots[g] = d;
+    }
+}
 /* Rescale a head group's accumulator when its running max moved (online softmax). */
 static inline void attn_rescale(__m512 *acc, float corr, int D) {
     if (corr == 1.f) return;
@@ -116,7 +127,6 @@ static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uin
     __m512bh qb[MAXG][MAXD / 32];
     __m512 acc[MAXG][MAXD / 16];
     float m[MAXG], l[MAXG], s[MAXG][64];
-    const int nq = D / 32;
     attn_init_bf16(q, qb, acc, m, l, G, D);
     for (int64_t t0 = (first / BS) * BS; t0 <= p; t0 += BS) {
         const int64_t blk = bt[t0 / BS];
@@ -127,15 +137,9 @@ static void attn_item_bf16_simd(const uint16_t *q, const uint16_t *kc, const uin
         if (t0 + BS <= p)  /* the next block sits elsewhere: prefetch its rows of this head */
             prefetch_block(kc, vc, bt[t0 / BS + 1] * BS * KVH + kh, BS, KVH, D);
         for (int i = 0; i < n; i++) {
-            const uint16_t *kr = kc + (base + (int64_t)i * KVH) * D;
-            __m512bh kb[MAXD / 32];
-            for (int c = 0; c < nq; c++)
-                kb[c] = (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32));
-            for (int g = 0; g < G; g++) {
-                __m512 d = _mm512_setzero_ps();
-                for (int c = 0; c < nq; c++) d = _mm512_dpbf16_ps(d, qb[g][c], kb[c]);
-                s[g][i] = _mm512_reduce_add_ps(d) * scale;
-            }
+            __m512 dots[MAXG];
+            attn_qk_row(kc + (base + (int64_t)i * KVH) * D, qb, G, D, dots);
+            for (int g = 0; g < G; g++) s[g][i] = _mm512_reduce_add_ps(dots[g]) * scale;
         }
         for (int g = 0; g < G; g++) {
             float mx = m[g];
@@ -195,7 +199,6 @@ static void attn_item_bf16_b16(const uint16_t *q, const uint16_t *kc, const uint
     __m512 acc[MAXG][MAXD / 16];
     float m[MAXG], l[MAXG];
     float pa[MAXG][16] __attribute__((aligned(64)));
-    const int nq = D / 32;
     attn_init_bf16(q, qb, acc, m, l, G, D);
     const __m512 vscale = _mm512_set1_ps(scale), neg = _mm512_set1_ps(-1e30f);
     for (int64_t t0 = (first / 16) * 16; t0 <= p; t0 += 16) {
@@ -205,17 +208,10 @@ static void attn_item_bf16_b16(const uint16_t *q, const uint16_t *kc, const uint
         const __mmask16 valid = (__mmask16)(((1u << (i1 + 1)) - 1u) & ~((1u << i0) - 1u));
         const int64_t base = blk * 16 * KVH + kh;
         if (t0 + 16 <= p) prefetch_block(kc, vc, bt[t0 / 16 + 1] * 16 * KVH + kh, 16, KVH, D);
-        __m512 dots[MAXG][16];
+        __m512 dots[MAXG][16], row[MAXG];
         for (int i = 0; i < 16; i++) {
-            const uint16_t *kr = kc + (base + (int64_t)i * KVH) * D;
-            __m512bh kb[MAXD / 32];
-            for (int c = 0; c < nq; c++)
-                kb[c] = (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32));
-            for (int g = 0; g < G; g++) {
-                __m512 d = _mm512_setzero_ps();
-                for (int c = 0; c < nq; c++) d = _mm512_dpbf16_ps(d, qb[g][c], kb[c]);
-                dots[g][i] = d;
-            }
+            attn_qk_row(kc + (base + (int64_t)i * KVH) * D, qb, G, D, row);
+            for (int g = 0; g < G; g++) dots[g][i] = row[g];
         }
         for (int g = 0; g < G; g++) {
             const __m512 sc = _mm512_mask_blend_ps(valid, neg, _mm512_mul_ps(hsum16(dots[g]), vscale));
