@@ -11,7 +11,8 @@ Splits:
 - leave-one-system-out (`--loso`: every row of a GPU system held out, the way rows from GPUs
   outside the file will be predicted; one fit per system).
 
-    .venv/bin/python benchmarks/plan_accuracy.py [--data FILE] [--folds 5] [--lomo] [--loso] [--json]
+    .venv/bin/python benchmarks/plan_accuracy.py [--data FILE] [--folds 5] [--lomo] [--loso]
+        [--no-random | --no-grouped | --no-kfold] [--json]
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main() -> None:
     ap.add_argument(
         "--no-grouped", action="store_true", help="random k-fold only (skip the grouped split)"
     )
+    ap.add_argument(
+        "--no-random", action="store_true", help="grouped k-fold only (skip the random split)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -63,7 +67,8 @@ def main() -> None:
     report["in_sample (bundled calibration)"] = summarize(predict_cases(cases), rows, len(skipped))
     splits = {}
     if not args.no_kfold:
-        splits[f"random {args.folds}-fold"] = kfold(cases, args.folds, seed=0)
+        if not args.no_random:
+            splits[f"random {args.folds}-fold"] = kfold(cases, args.folds, seed=0)
         if not args.no_grouped:
             splits[f"grouped {args.folds}-fold by series"] = kfold(
                 cases, args.folds, seed=0, key=_series

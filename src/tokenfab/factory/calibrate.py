@@ -37,10 +37,14 @@ COMMON_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("linear_prefill_us", 1.0, 5000.0),
     ("link_eff", 0.1, 0.95),
     ("scaleout_lat_us", 1.0, 500.0),
+    ("a2a_lat_us", 0.5, 500.0),
     ("fp4_flops_scale", 0.2, 1.0),
-    ("moe_imbalance", 0.05, 5.0),
+    ("moe_layer_us", 0.5, 200.0),
+    ("mla_layer_us", 0.5, 200.0),
+    ("moe_imbalance", 0.05, 20.0),
     ("disagg_ms", 1.0, 2000.0),
     ("disagg_queue_weight", 0.01, 4.0),
+    ("bench_requests", 50.0, 1e6),
     ("prefill_util", 0.3, 0.97),
     ("max_decode_batch", 16.0, 4096.0),
     ("decode_pool_gpus", 1.0, 512.0),
@@ -59,6 +63,7 @@ BACKEND_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("seq_us", 0.1, 500.0),
     ("ttft_ms", 1.0, 1000.0),
     ("queue_weight", 0.01, 2.0),
+    ("first_steps", 0.1, 8.0),
     ("prefill_chunk", 512.0, 32768.0),
 )
 BACKENDS = ("trtllm", "sglang", "vllm")
@@ -256,6 +261,7 @@ def fit(
     start: dict | None = None,
     progress: Callable[[int, float], None] | None = None,
     polish: int = 2,
+    rounds: int = 4,
 ) -> dict:
     """Fit the calibration on cases; returns the JSON-able {"common", "backends"} dict."""
     obj = _Objective(cases)
@@ -269,11 +275,15 @@ def fit(
                 src = _mean_backend(start.get("backends", {}))
             if n in src:
                 x0[i] = src[n]
-    x, _ = levenberg_marquardt(obj, x0, obj.bounds, iters=sweeps, progress=progress)
-    if polish:
+    x, best = levenberg_marquardt(obj, x0, obj.bounds, iters=sweeps, progress=progress)
+    for _ in range(rounds if polish else 0):
         # LM stalls at kinks of the loss (ceil/min in the serving model): a few derivative-free
-        # coordinate sweeps get past them
-        x, _ = pattern_search(obj, x, obj.bounds, sweeps=polish, step=1.5)
+        # coordinate sweeps get past them, and LM may then descend again from where they end
+        x, val = pattern_search(obj, x, obj.bounds, sweeps=polish, step=1.5)
+        x, val = levenberg_marquardt(obj, x, obj.bounds, iters=sweeps, progress=progress)
+        if val > best - 1e-3:
+            break
+        best = val
     common = {n: round(float(v), 6) for (n, b), v in zip(obj.names, x, strict=True) if b is None}
     per: dict[str, dict[str, float]] = {}
     for (n, b), v in zip(obj.names, x, strict=True):

@@ -92,7 +92,13 @@ class Calibration:
     link_eff: float = 0.7  # fraction of link bandwidth reached by collectives
     coll_lat_us: float = 10.0  # latency of one collective inside the scale-up domain
     scaleout_lat_us: float = 30.0  # latency of one collective crossing the scale-out network
+    a2a_lat_us: float = 10.0  # fixed cost of one expert dispatch or combine all-to-all
     layer_us: float = 30.0  # fixed kernel overheads per layer of a decode step (CUDA graphs)
+    # the extra kernels of a MoE layer (router, top-k, permutes, grouped GEMMs) and of an MLA
+    # layer (latent projections, rope, absorbed attention): each takes a few microseconds
+    # however small the batch
+    moe_layer_us: float = 10.0  # extra per MoE layer of a decode step
+    mla_layer_us: float = 10.0  # extra per MLA layer of a decode step
     prefill_layer_us: float = 200.0  # per layer of a step carrying prefill (eager launches)
     moe_prefill_us: float = 200.0  # extra per MoE layer in such a step (routing syncs, permutes)
     mla_prefill_us: float = 200.0  # extra per MLA layer in such a step (latent up-projection)
@@ -106,11 +112,17 @@ class Calibration:
     moe_imbalance: float = 1.0  # busiest GPU's expert load over the mean at large batch
     # serving-level
     ttft_ms: float = 50.0  # fixed request overhead before the first token (HTTP, tokenize)
+    # steps a new request waits besides its own prefill: the running step ends, the request is
+    # scheduled, and its token is sampled and streamed a step later (overlapped scheduling)
+    first_steps: float = 0.5
     disagg_ms: float = 100.0  # prefill -> decode handoff (KV transfer setup, scheduling)
     prefill_chunk: float = 4096.0  # prefill tokens per step in aggregated serving
     queue_weight: float = 0.25  # share of a closed-loop wave's prefill queue seen in TTFT
     # the same in a disaggregated prefill pool: no decode steps interleave to spread the wave
     disagg_queue_weight: float = 0.5
+    # a benchmark sends about this many requests in all (and at least 1/queue_weight per
+    # user): with few users each sends many, so the synchronized first wave is a smaller share
+    bench_requests: float = 50.0
     prefill_util: float = 0.9  # utilization a deployer sizes the prefill pool for
     max_decode_batch: float = 512.0  # largest decode batch per attention-DP rank
     decode_pool_gpus: float = 32.0  # typical decode pool when a file gives no pool sizes
@@ -268,7 +280,10 @@ def step_time(
             + m.n_linear_attn * cal.linear_prefill_us
         ) * 1e-6
     else:
-        total += m.num_layers * cal.layer_us * 1e-6
+        mla = m.n_softmax_attn if m.attention == "mla" else 0
+        total += (
+            m.num_layers * cal.layer_us + m.n_moe_layers * cal.moe_layer_us + mla * cal.mla_layer_us
+        ) * 1e-6
     # host work of the busiest rank's sequences
     return total + cal.step_ms * 1e-3 + rows * cal.seq_us * 1e-6
 
@@ -300,7 +315,7 @@ def _moe_layer(m: ModelSpec, lay: Layout, hw: _HW, tokens: float, t_dp: float, c
         # tokens live on their DP group: dispatch (quantized) and combine (bf16) all-to-all
         tok_gpu = t_dp / lay.tp
         nbytes = tok_gpu * m.top_k * m.hidden * (min(hw.moe_wbytes, 1.0) + ACT_BYTES)
-        t += (g - 1) / g * nbytes / hw.link_moe + 2 * hw.lat_moe
+        t += (g - 1) / g * nbytes / hw.link_moe + 2 * (hw.lat_moe + cal.a2a_lat_us * 1e-6)
     return t
 
 

@@ -120,12 +120,14 @@ def predict_agg(
     steps_per_prompt = isl / chunk / n_chunk  # chunk-steps one prompt needs
     # each output token of each user brings isl/osl prompt tokens of prefill work
     frac = c / osl * steps_per_prompt
-    # the share `queue_weight` of the prompts that arrive in synchronized waves is prefilled
-    # while its users wait for their first token (TTFT below), not between their decode steps
-    tpot = t_dec + (1.0 - min(cal.queue_weight, 1.0)) * frac * (t_mix - t_dec)
+    # the prompts of the synchronized first wave (a share: one request of each user, of the
+    # benchmark's requests per user) are prefilled while their users wait for the first token
+    # (TTFT below), not between their decode steps
+    qw = min(cal.queue_weight, users / cal.bench_requests, 1.0)
+    tpot = t_dec + (1.0 - qw) * frac * (t_mix - t_dec)
     own = math.ceil(isl / chunk) * t_mix
-    queue = cal.queue_weight * (c - 1) / 2.0 * steps_per_prompt * t_mix
-    ttft = own + queue + t_dec / 2.0 + cal.ttft_ms * 1e-3
+    queue = qw * (c - 1) / 2.0 * steps_per_prompt * t_mix
+    ttft = own + queue + cal.first_steps * t_dec + cal.ttft_ms * 1e-3
     x = c / (ttft + (osl - 1) * tpot)
     # users beyond the running batch wait for a slot: closed loop, slots free at rate x
     ttft += (users - c) / x
@@ -236,11 +238,12 @@ def predict_disagg(
     t_p = prefill_time(model, system, pl, pb, isl, cal)
     t_one = prefill_time(model, system, pl, 1, isl, cal) if pb > 1 else t_p
     capacity = dep.prefill_workers * pb / t_p
-    t_first = t_one + kv_transfer_time(model, system, pl, isl) + tpot
+    t_first = t_one + kv_transfer_time(model, system, pl, isl) + cal.first_steps * tpot
     t_first += (cal.ttft_ms + cal.disagg_ms) * 1e-3
     # requests of a closed-loop benchmark arrive in waves (all users start together and
     # finish together): a request waits for part of its wave's prompts, as in aggregated mode
-    wave = cal.disagg_queue_weight * (c - 1) / 2.0 / capacity
+    dqw = min(cal.disagg_queue_weight, c / cal.bench_requests, 1.0)
+    wave = dqw * (c - 1) / 2.0 / capacity
     ttft = max(_closed_loop_ttft(c, osl, tpot, t_first, capacity), t_first + wave)
     x = c / (ttft + (osl - 1) * tpot)
     gpus = pl.num_gpus * dep.prefill_workers + dl.num_gpus * dep.decode_workers
