@@ -148,3 +148,48 @@ def test_host_cost_per_sequence_does_not_shrink_with_tp(llama70):
     t0 = decode_step_time(llama70, h200, dp, 64, 2048, no_host)
     t1 = decode_step_time(llama70, h200, dp, 64, 2048, host)
     assert t1 - t0 == pytest.approx(8 * 100e-6, rel=1e-9)
+
+
+def test_decode_kernel_costs_per_layer_kind(dsv3, llama70):
+    # DeepSeek-V3: 61 MLA layers, 58 of them MoE; Llama-3.1-70B: 80 GQA dense layers. The
+    # extra fixed kernel time of MoE and MLA layers lands on decode steps of the models that
+    # have them, once per such layer, and not on prefill-free dense GQA steps
+    from dataclasses import replace
+
+    from tokenfab.factory.perf import DEFAULT_CAL
+
+    h200 = get_system("h200")
+    base = replace(DEFAULT_CAL, moe_layer_us=0.0, mla_layer_us=0.0)
+    extra = replace(DEFAULT_CAL, moe_layer_us=7.0, mla_layer_us=11.0)
+    lay = Layout(tp=8, precision="fp8")
+    d = [decode_step_time(dsv3, h200, lay, 16, 2048, cal) for cal in (base, extra)]
+    assert d[1] - d[0] == pytest.approx((58 * 7.0 + 61 * 11.0) * 1e-6, rel=1e-9)
+    ll = [decode_step_time(llama70, h200, lay, 16, 2048, cal) for cal in (base, extra)]
+    assert ll[1] == pytest.approx(ll[0], rel=1e-12)
+
+
+def test_first_token_waits_whole_steps_and_the_wave_shrinks_with_few_users(llama70):
+    # each step a request waits before its first token adds one decode step to TTFT and
+    # nothing to TPOT; with few users each sends many of a benchmark's requests, so the
+    # synchronized first wave (queue_weight) is capped at users / bench_requests
+    from dataclasses import replace
+
+    from tokenfab.factory.perf import DEFAULT_CAL
+
+    h200 = get_system("h200")
+    lay = Layout(tp=4, precision="fp8")
+    dep = AggDeployment(lay, 32, 1024, 1024)
+    one = replace(DEFAULT_CAL, first_steps=1.0)
+    three = replace(DEFAULT_CAL, first_steps=3.0)
+    p1, p3 = predict(llama70, h200, dep, one), predict(llama70, h200, dep, three)
+    step = decode_step_time(llama70, h200, lay, 32, 1024 + 512, one)
+    assert p3.ttft_ms - p1.ttft_ms == pytest.approx(2 * step * 1e3, rel=1e-9)
+    assert p3.tpot_ms == pytest.approx(p1.tpot_ms, rel=1e-12)
+    # 32 users of a 3,200-request benchmark: a wave share of 1%, well under queue_weight
+    big = replace(DEFAULT_CAL, queue_weight=0.25, bench_requests=3200.0)
+    none = replace(big, queue_weight=0.01)
+    assert predict(llama70, h200, dep, big).ttft_ms == pytest.approx(
+        predict(llama70, h200, dep, none).ttft_ms, rel=1e-12
+    )
+    small = replace(big, bench_requests=32.0)  # one request per user: the cap is queue_weight
+    assert predict(llama70, h200, dep, small).ttft_ms > predict(llama70, h200, dep, big).ttft_ms
