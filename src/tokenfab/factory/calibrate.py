@@ -4,9 +4,9 @@ The model has a handful of physically meaningful parameters (`perf.Calibration`)
 fractions of peak FLOPs and bandwidth, fixed per-layer/per-step/per-request costs, and two
 serving-level ones. A few of them (the fixed software costs) differ by backend; the rest are
 shared. They are fitted by robust Levenberg-Marquardt in log space minimizing a Cauchy loss of
-the log errors of TTFT and TPOT (the median error is what we report), then polished by a few
-coordinate pattern-search sweeps (LM stalls at kinks), nothing per row or per
-model. The result ships in `data/calibration.json`; `bundled_calibration()` loads it.
+the log errors of TTFT and TPOT (the median error is what we report), then in rounds of a few
+coordinate pattern-search sweeps (LM stalls at kinks) and LM again until a round stops gaining,
+nothing per row or per model. The result ships in `data/calibration.json`; `bundled_calibration()` loads it.
 
     python -m tokenfab.factory.calibrate            # refit and write data/calibration.json
 """
@@ -279,7 +279,7 @@ def fit(
     for _ in range(rounds if polish else 0):
         # LM stalls at kinks of the loss (ceil/min in the serving model): a few derivative-free
         # coordinate sweeps get past them, and LM may then descend again from where they end
-        x, val = pattern_search(obj, x, obj.bounds, sweeps=polish, step=1.5)
+        x, _ = pattern_search(obj, x, obj.bounds, sweeps=polish, step=1.5)
         x, val = levenberg_marquardt(obj, x, obj.bounds, iters=sweeps, progress=progress)
         if val > best - 1e-3:
             break
