@@ -333,8 +333,10 @@ def cross_validate(
     progress: Callable[[str], None] | None = None,
 ):
     """Fit on all folds but one, predict the held-out one, for every fold. Each fit starts
-    from the uncalibrated defaults, so nothing of the held-out rows leaks in. Returns the
-    held-out RowResults in case order."""
+    from the uncalibrated defaults and the anchors are built from the training folds only,
+    so nothing of the held-out rows leaks in. Returns the held-out RowResults in case order
+    (`RowResult.physics()` gives the physics-only prediction of the same fit)."""
+    from tokenfab.factory.anchors import build_anchors
     from tokenfab.factory.validate import predict_cases
 
     out: list = [None] * len(cases)
@@ -342,7 +344,9 @@ def cross_validate(
         train = [c for c, g in zip(cases, folds, strict=True) if g != f]
         test_idx = [i for i, g in enumerate(folds) if g == f]
         result = fit(train, sweeps=sweeps)
-        preds = predict_cases([cases[i] for i in test_idx], cals_from_fit(result))
+        cal_for = cals_from_fit(result)
+        anchors = build_anchors(train, predict_cases(train, cal_for))
+        preds = predict_cases([cases[i] for i in test_idx], cal_for, anchors)
         for i, r in zip(test_idx, preds, strict=True):
             out[i] = r
         if progress:
@@ -367,6 +371,10 @@ def main() -> None:
     out = Path(str(resources.files("tokenfab.factory").joinpath("data/calibration.json")))
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+    from tokenfab.factory.anchors import write_bundled
+    from tokenfab.factory.validate import predict_cases
+
+    print(f"wrote {write_bundled(cases, predict_cases(cases, cals_from_fit(result)))}")
 
 
 if __name__ == "__main__":

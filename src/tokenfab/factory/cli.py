@@ -392,11 +392,21 @@ def validate(
     cv: int = typer.Option(
         0, "--cv", help="K-fold cross-validation: refit on K-1 folds of FILE, predict the rest."
     ),
+    physics_only: bool = typer.Option(
+        False,
+        "--physics-only",
+        help="The calibrated physics alone: no pull toward other measurements of the same "
+        "deployment (the measured anchors).",
+    ),
 ) -> None:
-    """Predict TTFT and TPOT for every row of a measured-serving CSV and report the errors."""
+    """Predict TTFT and TPOT for every row of a measured-serving CSV and report the errors.
+
+    A row whose deployment (backend, version, model, system, mode, precision) has other
+    measurements in the bundled data is pulled toward them; a row's own measurement is never
+    used for it. With --cv both the calibration and the anchors are rebuilt per fold."""
     from tokenfab.factory.validate import run_validate
 
-    run_validate(data, as_json=as_json, cv=cv)
+    run_validate(data, as_json=as_json, cv=cv, physics_only=physics_only)
 
 
 @app.command("keynote")

@@ -65,6 +65,7 @@ class Case:
     ttft_ms: float | None
     tpot_ms: float | None
     pools_known: bool = True  # False: disaggregated pool sizes were inferred
+    version: str = ""  # backend version (measurements of one deployment share it)
 
 
 def _int(v: str | None, default: int = 0) -> int:
@@ -212,6 +213,7 @@ def case_from_row(row: dict) -> Case:
         ttft_ms=_float(row.get("silicon_ttft_ms")),
         tpot_ms=_float(row.get("silicon_tpot_ms")),
         pools_known=known,
+        version=(row.get("backend_version") or "").strip(),
     )
 
 

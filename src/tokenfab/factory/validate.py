@@ -4,17 +4,23 @@ Every row that names a known (or bundled-equivalent) model and a catalog system 
 only rows that cannot be computed at all are skipped, with the reason. The JSON summary keys
 (`rows`, `predicted`, `skipped`, `ttft_mdape`, `tpot_mdape`, `ttft_p90_ape`, `tpot_p90_ape`,
 percent) are a stable interface.
+
+Predictions are the calibrated physics model's, pulled toward other measurements of the
+same deployment where the bundled data has them (`anchors.py`; never a row's own
+measurement); `physics_only` turns that layer off.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tokenfab.factory.anchors import Anchors
 from tokenfab.factory.measured import Case, load_cases
 from tokenfab.factory.perf import Calibration
 from tokenfab.factory.serving import predict
@@ -28,6 +34,19 @@ class RowResult:
     tpot_ms: float
     ttft_meas: float | None
     tpot_meas: float | None
+    ttft_physics_ms: float | None = None  # before the anchors (None: same as ttft_ms)
+    tpot_physics_ms: float | None = None
+
+    def physics(self) -> RowResult:
+        """The same row as the physics model alone predicts it."""
+        return RowResult(
+            self.row_id,
+            self.backend,
+            self.ttft_ms if self.ttft_physics_ms is None else self.ttft_physics_ms,
+            self.tpot_ms if self.tpot_physics_ms is None else self.tpot_physics_ms,
+            self.ttft_meas,
+            self.tpot_meas,
+        )
 
     @property
     def ttft_ape(self) -> float | None:
@@ -45,17 +64,33 @@ def _ape(pred: float, meas: float | None) -> float | None:
 
 
 def predict_cases(
-    cases: Sequence[Case], cal_for: Callable[[str], Calibration] | None = None
+    cases: Sequence[Case],
+    cal_for: Callable[[str], Calibration] | None = None,
+    anchors: Anchors | None = None,
+    physics_only: bool = False,
 ) -> list[RowResult]:
-    """Predictions for cases; `cal_for(backend)` picks the calibration (default: bundled)."""
+    """Predictions for cases. `cal_for(backend)` picks the calibration and `anchors` the
+    measured anchors; both default to the bundled ones, but a calibration passed in gets no
+    anchors unless they are passed too (anchors belong to the calibration they were built
+    on)."""
     if cal_for is None:
+        from tokenfab.factory.anchors import bundled_anchors
         from tokenfab.factory.calibrate import bundled_calibration
 
         cal_for = bundled_calibration
+        anchors = anchors or bundled_anchors()
+    if physics_only:
+        anchors = None
     out = []
     for c in cases:
         p = predict(c.model, c.system, c.deployment, cal_for(c.backend))
-        out.append(RowResult(c.row_id, c.backend, p.ttft_ms, p.tpot_ms, c.ttft_ms, c.tpot_ms))
+        ttft, tpot = p.ttft_ms, p.tpot_ms
+        if anchors is not None:
+            lt, lp = anchors.log_correction(c)
+            ttft, tpot = ttft * math.exp(lt), tpot * math.exp(lp)
+        out.append(
+            RowResult(c.row_id, c.backend, ttft, tpot, c.ttft_ms, c.tpot_ms, p.ttft_ms, p.tpot_ms)
+        )
     return out
 
 
@@ -94,10 +129,13 @@ def summarize(results: Sequence[RowResult], rows: int, skipped: int) -> dict:
 
 
 def validate_file(
-    path: Path, cv: int = 0, progress: Callable[[str], None] | None = None
+    path: Path,
+    cv: int = 0,
+    progress: Callable[[str], None] | None = None,
+    physics_only: bool = False,
 ) -> tuple[dict, list[RowResult], list[tuple[str, str]]]:
-    """Predict every row with the bundled calibration, or (cv = K > 1) each row with a
-    calibration refitted on the other K-1 random folds of the same file."""
+    """Predict every row with the bundled calibration and anchors, or (cv = K > 1) each row
+    with a calibration and anchors rebuilt on the other K-1 random folds of the same file."""
     cases, skipped = load_cases(path)
     cases, broken = _computable(cases)
     skipped += broken
@@ -105,8 +143,10 @@ def validate_file(
         from tokenfab.factory.calibrate import cross_validate, kfold
 
         results = cross_validate(cases, kfold(cases, cv, seed=0), progress=progress)
+        if physics_only:
+            results = [r.physics() for r in results]
     else:
-        results = predict_cases(cases)
+        results = predict_cases(cases, physics_only=physics_only)
     return summarize(results, len(cases) + len(skipped), len(skipped)), results, skipped
 
 
@@ -114,7 +154,9 @@ def _fmt(x: float | None, nd: int = 1) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
-def run_validate(path: Path, as_json: bool = False, cv: int = 0) -> None:
+def run_validate(
+    path: Path, as_json: bool = False, cv: int = 0, physics_only: bool = False
+) -> None:
     """CLI body: per-row table and summary, or one JSON object with `as_json`. With `cv`
     (K-fold cross-validation, minutes of fitting) progress goes to stderr."""
     import typer
@@ -128,7 +170,10 @@ def run_validate(path: Path, as_json: bool = False, cv: int = 0) -> None:
         raise typer.Exit(2)
     try:
         summary, results, skipped = validate_file(
-            path, cv=cv, progress=lambda m: typer.echo(f"cv {m}", err=True)
+            path,
+            cv=cv,
+            progress=lambda m: typer.echo(f"cv {m}", err=True),
+            physics_only=physics_only,
         )
     except (KeyError, ValueError, UnicodeDecodeError) as e:  # not a CSV of this format
         typer.echo(f"error: cannot read {path}: {e}", err=True)
