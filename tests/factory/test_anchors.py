@@ -78,6 +78,11 @@ def test_own_measurement_never_used(agg_case):
     anchors = build_anchors(pts, _physics(pts, 100.0, 10.0))
     assert anchors.log_correction(pts[0]) == (0.0, 0.0)
     assert anchors.log_correction(_at(agg_case, "other", 8, 0, 0))[1] > 0
+    # the same id measured again (another run) is another measurement: it is anchored
+    again = _at(agg_case, "only", 8, 100.0, 21.0)
+    assert anchors.log_correction(again)[1] > 0
+    back = Anchors.from_dict(json.loads(json.dumps(anchors.to_dict())))
+    assert back.log_correction(pts[0]) == (0.0, 0.0)
 
 
 def test_unmeasured_family_keeps_the_physics(agg_case):

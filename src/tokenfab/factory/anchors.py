@@ -22,8 +22,8 @@ Coarser groups (backend x model x system across versions, backend x model) are d
 not used: with whole backend versions or whole families held out they made predictions worse,
 not better (their residuals do not carry over). A row from another GPU, another backend
 version or an unmeasured family keeps the physics prediction unchanged. A point never anchors
-the row with its own id, so `plan validate` on the measured file itself reports leave-one-out
-errors of this layer (its physics is still fitted in-sample).
+its own row (same id, same measured values), so `plan validate` on the measured file itself
+reports leave-one-out errors of this layer (its physics is still fitted in-sample).
 
 The anchors are built from the bundled measurements and the bundled calibration
 (`data/anchors.json`); `python -m tokenfab.factory.anchors` rebuilds them after a refit.
@@ -105,6 +105,7 @@ class _Family:
     sweeps: np.ndarray  # sweep keys (object)
     log_conc: np.ndarray
     resid: np.ndarray  # (n, 2) log(measured / physics) for TTFT, TPOT; NaN: not measured
+    measured: np.ndarray  # (n, 2) the measured TTFT, TPOT in ms; NaN: not measured
 
 
 def _shrunk_median(r: np.ndarray, k: float) -> float:
@@ -121,7 +122,7 @@ class Anchors:
         fam = self.families.get(family_key(case))
         if fam is None:
             return 0.0, 0.0
-        keep = fam.ids != case.row_id
+        keep = ~_same_measurement(fam, case)
         in_sweep = keep & (fam.sweeps == sweep_key(case))
         w = np.exp(-((fam.log_conc - log_concurrency(case)) ** 2) / (2 * self.params.sigma**2))
         return tuple(  # type: ignore[return-value]
@@ -149,9 +150,11 @@ class Anchors:
                     i,
                     s,
                     round(float(c), 4),
-                    *(None if np.isnan(x) else round(float(x), 5) for x in r),
+                    *(None if np.isnan(x) else float(f"{x:.6g}") for x in r),
                 ]
-                for i, s, c, r in zip(f.ids, f.sweeps, f.log_conc, f.resid, strict=True)
+                for i, s, c, r in zip(
+                    f.ids, f.sweeps, f.log_conc, np.hstack([f.resid, f.measured]), strict=True
+                )
             ]
         return {"params": asdict(self.params), "families": fams}
 
@@ -159,7 +162,10 @@ class Anchors:
     def from_dict(cls, d: dict) -> Anchors:
         fams = {
             key: _family(
-                [(p[0], p[1], p[2], [np.nan if x is None else x for x in p[3:5]]) for p in pts]
+                [
+                    (*p[:3], *([np.nan if x is None else x for x in p[i : i + 2]] for i in (3, 5)))
+                    for p in pts
+                ]
             )
             for key, pts in d["families"].items()
         }
@@ -167,13 +173,28 @@ class Anchors:
 
 
 def _family(points: Sequence[tuple]) -> _Family:
-    """A family from (row id, sweep key, log2 concurrency, (TTFT, TPOT) log ratios) points."""
+    """A family from (row id, sweep key, log2 concurrency, (TTFT, TPOT) log ratios,
+    measured (TTFT, TPOT)) points."""
     return _Family(
         ids=np.array([p[0] for p in points], dtype=object),
         sweeps=np.array([p[1] for p in points], dtype=object),
         log_conc=np.array([p[2] for p in points], dtype=float),
         resid=np.array([p[3] for p in points], dtype=float).reshape(-1, 2),
+        measured=np.array([p[4] for p in points], dtype=float).reshape(-1, 2),
     )
+
+
+def _same_measurement(fam: _Family, case: Case) -> np.ndarray:
+    """Points that are the case's own measurement: same row id and the same measured values
+    (a later re-measurement under the same id is another measurement and may anchor it)."""
+    same = fam.ids == case.row_id
+    for m, v in enumerate((case.ttft_ms, case.tpot_ms)):
+        col = fam.measured[:, m]
+        if v is None:
+            same &= np.isnan(col)
+        else:
+            same &= np.isclose(col, v, rtol=1e-5, atol=0.0)
+    return same
 
 
 def _log_ratio(meas: float | None, pred: float) -> float:
@@ -191,8 +212,9 @@ def build_anchors(
         res = (_log_ratio(c.ttft_ms, r.ttft_ms), _log_ratio(c.tpot_ms, r.tpot_ms))
         if all(math.isnan(x) for x in res):
             continue
+        meas = tuple(math.nan if v is None else v for v in (c.ttft_ms, c.tpot_ms))
         groups.setdefault(family_key(c), []).append(
-            (c.row_id, sweep_key(c), log_concurrency(c), res)
+            (c.row_id, sweep_key(c), log_concurrency(c), res, meas)
         )
     fams = {k: _family(pts) for k, pts in groups.items()}
     return Anchors(fams, params or AnchorParams())
