@@ -154,6 +154,13 @@ def _fmt(x: float | None, nd: int = 1) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _anchor(r: RowResult) -> str:
+    """What the measured anchors did to the physics: TTFT / TPOT factors, '-' for none."""
+    p = r.physics()
+    f = (r.ttft_ms / p.ttft_ms, r.tpot_ms / p.tpot_ms) if p.ttft_ms and p.tpot_ms else (1, 1)
+    return "-" if f == (1.0, 1.0) else f"{f[0]:.2f} / {f[1]:.2f}"
+
+
 def run_validate(
     path: Path, as_json: bool = False, cv: int = 0, physics_only: bool = False
 ) -> None:
@@ -186,7 +193,8 @@ def run_validate(
 
     con = Console()
     t = Table(title=f"tokenfab plan validate: {path.name}")
-    for col in ("row", "backend", "TTFT ms", "meas", "err %", "TPOT ms", "meas", "err %"):
+    cols = ("row", "backend", "TTFT ms", "meas", "err %", "TPOT ms", "meas", "err %", "anchor x")
+    for col in cols:
         t.add_column(col, justify="left" if col in ("row", "backend") else "right")
     for r in results:
         t.add_row(
@@ -198,6 +206,7 @@ def run_validate(
             _fmt(r.tpot_ms, 2),
             _fmt(r.tpot_meas, 2),
             _fmt(r.tpot_ape),
+            _anchor(r),
         )
     con.print(t)
     for rid, why in skipped:
