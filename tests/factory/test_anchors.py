@@ -142,3 +142,16 @@ def test_validate_physics_only_flag(tmp_path, bundled_csv):
     assert outs[True].keys() == outs[False].keys()
     assert outs[True]["predicted"] == outs[False]["predicted"] == 30
     assert outs[True]["tpot_mdape"] != outs[False]["tpot_mdape"]
+
+
+def test_non_finite_measurements_are_not_measurements(tmp_path, bundled_csv):
+    lines = bundled_csv.read_text().splitlines()
+    head, rows = lines[0], lines[1:9]
+    rows[-1] = ",".join(rows[-1].split(",")[:-2] + ["inf", "nan"])
+    f = tmp_path / "inf.csv"
+    f.write_text("\n".join([head, *rows]) + "\n")
+    res = CliRunner().invoke(app, ["validate", "--data", str(f), "--json", "--cv", "2"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["predicted"] == 8 and math.isfinite(out["ttft_mdape"])
+    assert math.isfinite(out["ttft_p90_ape"]) and math.isfinite(out["tpot_p90_ape"])

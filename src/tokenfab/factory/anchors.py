@@ -198,7 +198,7 @@ def _same_measurement(fam: _Family, case: Case) -> np.ndarray:
 
 
 def _log_ratio(meas: float | None, pred: float) -> float:
-    if meas is None or meas <= 0 or not (pred > 0 and math.isfinite(pred)):
+    if meas is None or not (0 < meas < math.inf and 0 < pred < math.inf):
         return math.nan
     return math.log(meas / pred)
 

@@ -26,6 +26,7 @@ How the columns map (studied on the bundled file):
 from __future__ import annotations
 
 import csv
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ def _float(v: str | None) -> float | None:
         x = float(v) if v not in (None, "") else None
     except ValueError:
         return None
-    return x if x is not None and x > 0 else None
+    return x if x is not None and 0 < x < math.inf else None
 
 
 def _precisions(row: dict) -> tuple[str, str | None]:
