@@ -8,7 +8,8 @@ the log errors of TTFT and TPOT (the median error is what we report), then in ro
 coordinate pattern-search sweeps (LM stalls at kinks) and LM again until a round stops gaining,
 nothing per row or per model. The result ships in `data/calibration.json`; `bundled_calibration()` loads it.
 
-    python -m tokenfab.factory.calibrate            # refit and write data/calibration.json
+    python -m tokenfab.factory.calibrate            # refit; write data/calibration.json
+                                                    # and the anchors built on it
 """
 
 from __future__ import annotations
