@@ -142,6 +142,18 @@ def test_validate_physics_only_flag(tmp_path, bundled_csv):
     assert outs[True].keys() == outs[False].keys()
     assert outs[True]["predicted"] == outs[False]["predicted"] == 30
     assert outs[True]["tpot_mdape"] != outs[False]["tpot_mdape"]
+    # per-row CSV: anchored and physics predictions side by side, errors that match the summary
+    rows_csv = tmp_path / "rows.csv"
+    res = CliRunner().invoke(app, ["validate", "--data", str(f), "--json", "--out", str(rows_csv)])
+    assert res.exit_code == 0, res.output
+    got = read_rows(rows_csv)
+    assert len(got) == 30 and {"ttft_physics_ms", "tpot_ape"} <= set(got[0])
+    apes = sorted(float(r["tpot_ape"]) for r in got)
+    assert (apes[14] + apes[15]) / 2 == pytest.approx(outs[False]["tpot_mdape"], abs=0.01)
+    bad = CliRunner().invoke(
+        app, ["validate", "--data", str(f), "--out", str(tmp_path / "no/x.csv")]
+    )
+    assert bad.exit_code == 2 and "cannot write" in bad.output
 
 
 def test_non_finite_measurements_are_not_measurements(tmp_path, bundled_csv):

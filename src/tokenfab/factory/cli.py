@@ -398,6 +398,9 @@ def validate(
         help="The calibrated physics alone: no pull toward other measurements of the same "
         "deployment (the measured anchors).",
     ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Also write every row's prediction, measurement and error as CSV."
+    ),
 ) -> None:
     """Predict TTFT and TPOT for every row of a measured-serving CSV and report the errors.
 
@@ -406,7 +409,7 @@ def validate(
     used for it. With --cv both the calibration and the anchors are rebuilt per fold."""
     from tokenfab.factory.validate import run_validate
 
-    run_validate(data, as_json=as_json, cv=cv, physics_only=physics_only)
+    run_validate(data, as_json=as_json, cv=cv, physics_only=physics_only, out=out)
 
 
 @app.command("keynote")

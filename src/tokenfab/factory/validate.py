@@ -12,6 +12,7 @@ measurement); `physics_only` turns that layer off.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -161,11 +162,32 @@ def _anchor(r: RowResult) -> str:
     return "-" if f == (1.0, 1.0) else f"{f[0]:.2f} / {f[1]:.2f}"
 
 
+def write_rows(out: Path, results: Sequence[RowResult]) -> None:
+    """Per-row predictions as CSV: what a script needs to study the errors itself."""
+    cols = ["id", "backend", "ttft_ms", "ttft_measured_ms", "ttft_ape", "tpot_ms"]
+    cols += ["tpot_measured_ms", "tpot_ape", "ttft_physics_ms", "tpot_physics_ms"]
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in results:
+            p = r.physics()
+            vals = (r.ttft_ms, r.ttft_meas, r.ttft_ape, r.tpot_ms, r.tpot_meas, r.tpot_ape)
+            w.writerow(
+                [r.row_id, r.backend, *("" if v is None else f"{v:.6g}" for v in vals)]
+                + [f"{p.ttft_ms:.6g}", f"{p.tpot_ms:.6g}"]
+            )
+
+
 def run_validate(
-    path: Path, as_json: bool = False, cv: int = 0, physics_only: bool = False
+    path: Path,
+    as_json: bool = False,
+    cv: int = 0,
+    physics_only: bool = False,
+    out: Path | None = None,
 ) -> None:
-    """CLI body: per-row table and summary, or one JSON object with `as_json`. With `cv`
-    (K-fold cross-validation, minutes of fitting) progress goes to stderr."""
+    """CLI body: per-row table and summary, or one JSON object with `as_json`; `out` also
+    writes the per-row predictions as CSV. With `cv` (K-fold cross-validation, minutes of
+    fitting) progress goes to stderr."""
     import typer
 
     path = Path(path)
@@ -185,6 +207,12 @@ def run_validate(
     except (KeyError, ValueError, UnicodeDecodeError) as e:  # not a CSV of this format
         typer.echo(f"error: cannot read {path}: {e}", err=True)
         raise typer.Exit(2) from e
+    if out is not None:
+        try:
+            write_rows(Path(out), results)
+        except OSError as e:
+            typer.echo(f"error: cannot write {out}: {e.strerror or e}", err=True)
+            raise typer.Exit(2) from e
     if as_json:
         typer.echo(json.dumps(summary))
         return
