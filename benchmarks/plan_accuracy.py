@@ -100,6 +100,10 @@ def main() -> None:
         for kind in ("agg", "disagg, pools given", "disagg, pools inferred"):
             sub = [r for c, r in zip(cases, res, strict=True) if _kind(c) == kind]
             report[f"  {name}: {kind}"] = summarize(sub, len(sub), 0)
+        if name == "leave-one-system-out":  # how each GPU system fares when it is the new one
+            for sysname in sorted({c.system.key for c in cases}):
+                sub = [r for c, r in zip(cases, res, strict=True) if c.system.key == sysname]
+                report[f"  {name}: {sysname} held out"] = summarize(sub, len(sub), 0)
         phys = [r.physics() for r in res]
         report[f"  {name}: physics only"] = summarize(phys, rows, len(skipped))
         for kind in ("agg", "disagg, pools given", "disagg, pools inferred"):
