@@ -93,10 +93,8 @@ def sweep_key(case: Case) -> str:
 
 def log_concurrency(case: Case) -> float:
     d = case.deployment
-    c = d.concurrency
-    if not c and not isinstance(d, AggDeployment):
-        c = d.decode_workers * d.decode_batch
-    return math.log2(max(c or 1, 1))
+    users = d.concurrency if isinstance(d, AggDeployment) else d.users
+    return math.log2(max(users, 1))
 
 
 @dataclass

@@ -57,6 +57,11 @@ class DisaggDeployment:
     osl: int
     concurrency: int | None = None  # total users; None = decode_workers * decode_batch
 
+    @property
+    def users(self) -> int:
+        """Total users: `concurrency`, or what the decode pool holds when it is not given."""
+        return self.concurrency or max(self.decode_batch, 1) * self.decode_workers
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -228,7 +233,7 @@ def predict_disagg(
         )
     pl, dl = dep.prefill_layout, dep.decode_layout
     isl, osl = max(dep.isl, 1), max(dep.osl, 1)
-    c = dep.concurrency or max(dep.decode_batch, 1) * dep.decode_workers
+    c = dep.users
     b_run = max(1, math.ceil(c / dep.decode_workers))
     reason = _fit_reason(model, system, dl, b_run, isl + osl) or _fit_reason(
         model, system, pl, dep.prefill_batch, isl
