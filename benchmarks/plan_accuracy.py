@@ -43,6 +43,15 @@ def _kind(c) -> str:
     return "disagg, pools given" if c.pools_known else "disagg, pools inferred"
 
 
+def _by_kind(label: str, cases, results) -> dict[str, dict]:
+    """Summaries of the results of each kind of row, keyed `label + kind`."""
+    out = {}
+    for kind in ("agg", "disagg, pools given", "disagg, pools inferred"):
+        sub = [r for c, r in zip(cases, results, strict=True) if _kind(c) == kind]
+        out[label + kind] = summarize(sub, len(sub), 0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = resources.files("tokenfab.factory").joinpath("data/measured_serving.csv")
@@ -97,18 +106,14 @@ def main() -> None:
         report[name] = summarize(res, rows, len(skipped))
         report[name]["seconds"] = round(time.perf_counter() - t0, 1)
         # the same held-out predictions by kind of row, then the same fits' physics alone
-        for kind in ("agg", "disagg, pools given", "disagg, pools inferred"):
-            sub = [r for c, r in zip(cases, res, strict=True) if _kind(c) == kind]
-            report[f"  {name}: {kind}"] = summarize(sub, len(sub), 0)
+        report.update(_by_kind(f"  {name}: ", cases, res))
         if name == "leave-one-system-out":  # how each GPU system fares when it is the new one
             for sysname in sorted({c.system.key for c in cases}):
                 sub = [r for c, r in zip(cases, res, strict=True) if c.system.key == sysname]
                 report[f"  {name}: {sysname} held out"] = summarize(sub, len(sub), 0)
         phys = [r.physics() for r in res]
         report[f"  {name}: physics only"] = summarize(phys, rows, len(skipped))
-        for kind in ("agg", "disagg, pools given", "disagg, pools inferred"):
-            sub = [r for c, r in zip(cases, phys, strict=True) if _kind(c) == kind]
-            report[f"  {name}: physics only, {kind}"] = summarize(sub, len(sub), 0)
+        report.update(_by_kind(f"  {name}: physics only, ", cases, phys))
 
     if args.json:
         print(json.dumps(report, indent=1))
