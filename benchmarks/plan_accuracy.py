@@ -124,9 +124,12 @@ def main() -> None:
     head = f"{'split':58s} {'rows':>5s} {'TTFT MdAPE':>10s} {'p90':>7s} {'TPOT MdAPE':>10s} {'p90':>7s}"
     print(head)
     for name, s in report.items():
+        vals = [s[k] for k in ("ttft_mdape", "ttft_p90_ape", "tpot_mdape", "tpot_p90_ape")]
+        # a kind of row the file does not have summarizes to None
+        cells = ["-" if v is None else f"{v:.1f}%" for v in vals]
         print(
-            f"{name:58s} {s['predicted']:5d} {s['ttft_mdape']:9.1f}% {s['ttft_p90_ape']:6.1f}% "
-            f"{s['tpot_mdape']:9.1f}% {s['tpot_p90_ape']:6.1f}%"
+            f"{name:58s} {s['predicted']:5d} {cells[0]:>10s} {cells[1]:>7s} "
+            f"{cells[2]:>10s} {cells[3]:>7s}"
         )
 
 
