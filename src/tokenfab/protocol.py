@@ -191,15 +191,21 @@ class KVEventBatch(msgspec.Struct, kw_only=True):
 
 
 class LoadReport(msgspec.Struct, kw_only=True):
-    """A worker's load, published periodically for the router and planner."""
+    """A worker's load and its engine's counters: what `engine.stats()` returns, what a worker
+    publishes periodically for the router and planner, and what `/metrics` shows."""
 
-    worker_id: str
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    timestamp: float
-    # Cumulative engine counters (optional; for /metrics and the planner).
+    worker_id: str = ""
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    """Blocks held by running or waiting requests (the router's decode cost)."""
+    kv_blocks_total: int = 0
+    queued_prefill_tokens: int = 0
+    """Prompt tokens admitted or waiting but not yet computed (the router's prefill cost)."""
+    timestamp: float = 0.0
+    last_event_id: int = -1
+    """Id of the newest KV event the engine has emitted (-1: none); a router that has seen
+    less knows it missed some."""
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     """Prompt tokens looked up in the prefix cache."""
@@ -207,6 +213,42 @@ class LoadReport(msgspec.Struct, kw_only=True):
     """Of those, tokens found cached."""
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    requests_finished: int = 0
+    num_steps: int = 0
+    step_time_ema: float = 0.0
+    """Seconds per engine step, exponentially averaged (0: no step yet)."""
+
+
+WorkerRole = Literal["aggregated", "prefill", "decode"]
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a worker tells discovery about itself: everything a frontend, router or planner
+    needs to send it work."""
+
+    model: str
+    max_model_len: int
+    block_size: int
+    role: WorkerRole = "aggregated"
+    model_path: str = ""
+    kv_blocks_total: int = 0
+    max_num_seqs: int = 0
+    data_address: str = ""
+    """host:port of the worker's KV data plane ("" when it has none)."""
+    engine: str = "tokenfab"
+
+
+class KVSnapshot(msgspec.Struct, kw_only=True):
+    """A worker's whole prefix cache at one event id: how a router that joined late or missed
+    events learns the worker's state."""
+
+    worker_id: str
+    last_event_id: int
+    block_hashes: list[int]
+
+
+class SnapshotRequest(msgspec.Struct, kw_only=True):
+    """Ask a worker for its KVSnapshot (its `kv_snapshot` endpoint)."""
 
 
 class StatsRequest(msgspec.Struct, kw_only=True):
