@@ -11,7 +11,7 @@ import typer
 from tokenfab.bench import cli as bench_cli
 from tokenfab.engine import cli as engine_cli
 from tokenfab.factory import cli as factory_cli
-from tokenfab.frontend import cli as frontend_cli
+from tokenfab.serve import cli as serve_cli
 
 app = typer.Typer(
     name="tokenfab",
@@ -24,7 +24,7 @@ app = typer.Typer(
 
 app.command("generate")(engine_cli.generate)
 app.add_typer(engine_cli.model_app, name="model")
-frontend_cli.register(app)
+serve_cli.register(app)
 app.add_typer(bench_cli.app, name="bench")
 app.add_typer(factory_cli.app, name="plan")
 

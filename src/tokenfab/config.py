@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+RouterPolicy = Literal["kv", "round_robin", "random", "least_loaded"]
 
 
 @dataclass
@@ -42,3 +43,11 @@ class ServerConfig:
     """Each engine in its own process (on a private runtime); False: all in the server's."""
     startup_timeout_s: float = 300.0
     """How long the engines may take to load before serving gives up."""
+    router_policy: RouterPolicy = "kv"
+    """How the frontend picks a worker: by KV overlap and load (kv), or round_robin, random,
+    least_loaded."""
+    router_overlap_weight: float = 1.0
+    """Weight of prefill cost (uncached prompt blocks) against decode cost (active blocks)."""
+    router_temperature: float = 0.0
+    """0: always the cheapest worker; > 0: softmax sampling over costs."""
+    router_seed: int = 0

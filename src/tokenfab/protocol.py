@@ -188,6 +188,8 @@ class KVEventBatch(msgspec.Struct, kw_only=True):
 
     worker_id: str
     events: list[KVEvent]
+    timestamp: float = 0.0
+    """Wall-clock seconds when published (the router's event-lag metric)."""
 
 
 class LoadReport(msgspec.Struct, kw_only=True):
@@ -203,9 +205,9 @@ class LoadReport(msgspec.Struct, kw_only=True):
     queued_prefill_tokens: int = 0
     """Prompt tokens admitted or waiting but not yet computed (the router's prefill cost)."""
     timestamp: float = 0.0
-    last_event_id: int = -1
-    """Id of the newest KV event the engine has emitted (-1: none); a router that has seen
-    less knows it missed some."""
+    last_event_id: int = 0
+    """Id of the newest KV event the engine has emitted (0: none; the first is 1); a router
+    that has seen less knows it missed some."""
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     """Prompt tokens looked up in the prefix cache."""

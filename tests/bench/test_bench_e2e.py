@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server_url(tiny_llama: Path) -> Iterator[str]:
-    from tokenfab.frontend.server import ServerThread
+    from tokenfab.serve.server import ServerThread
 
     cfg = EngineConfig(model=str(tiny_llama), num_kv_blocks=256, max_num_batched_tokens=256)
     with ServerThread(cfg) as url:
@@ -104,7 +104,7 @@ def test_a_lone_end_of_sequence_token_is_a_completed_request(
     import shutil
 
     from tokenfab import LLM, SamplingParams
-    from tokenfab.frontend.server import ServerThread
+    from tokenfab.serve.server import ServerThread
 
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tokenfab.engine.kv_cache import KVCacheManager, request_extra_keys
+from tokenfab.engine.kv_cache import KVCacheManager
 from tokenfab.engine.sequence import Sequence
-from tokenfab.kv.hashing import block_hashes
+from tokenfab.kv.hashing import block_hashes, request_extra_keys
 from tokenfab.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 BS = 4

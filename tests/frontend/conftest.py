@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tokenfab.config import EngineConfig, ServerConfig
-from tokenfab.frontend.server import ServerThread
+from tokenfab.serve.server import ServerThread
 
 
 @dataclass

@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from tokenfab.config import EngineConfig, ServerConfig
-from tokenfab.frontend.server import ServerThread
-from tokenfab.worker.processes import cpu_sets
+from tokenfab.serve.processes import cpu_sets
+from tokenfab.serve.server import ServerThread
 
 pytestmark = pytest.mark.integration
 
@@ -155,11 +155,14 @@ def test_serve_command_stops_cleanly_on_signal(tiny_llama: Path, tmp_path: Path,
 def test_request_moves_to_another_worker_when_its_worker_is_gone(tiny_llama: Path) -> None:
     """A worker that reports itself gone (`unavailable`) before the first token has shown the
     client nothing, so the frontend sends the request to another worker: no request fails."""
-    from tokenfab.protocol import WORKER_COMPONENT, GenerateRequest
+    import msgspec
+
+    from tokenfab.protocol import WORKER_COMPONENT, GenerateRequest, WorkerInfo
     from tokenfab.runtime import RemoteError
 
     engine = EngineConfig(model=str(tiny_llama), num_kv_blocks=256, max_model_len=256)
-    srv = ServerThread(engine, ServerConfig(port=0, engine_processes=False))
+    config = ServerConfig(port=0, engine_processes=False, router_policy="round_robin")
+    srv = ServerThread(engine, config)
     url = srv.start()
     calls = []
     try:
@@ -168,7 +171,12 @@ def test_request_moves_to_another_worker_when_its_worker_is_gone(tiny_llama: Pat
 
         async def add_vanishing_worker():  # type: ignore[no-untyped-def]
             reg = await stack.runtime.register(  # type: ignore[union-attr]
-                WORKER_COMPONENT, "aaa-vanishing", endpoints=["generate"]
+                WORKER_COMPONENT,
+                "aaa-vanishing",
+                endpoints=["generate"],
+                metadata=msgspec.to_builtins(
+                    WorkerInfo(model="tiny", max_model_len=256, block_size=16)
+                ),
             )
 
             async def generate(req, ctx):  # type: ignore[no-untyped-def]

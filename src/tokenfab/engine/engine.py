@@ -28,32 +28,22 @@ from tokenfab.engine.errors import (
     InvalidRequestError,
     QueueFullError,
 )
-from tokenfab.engine.kv_cache import EventSink, KVCacheManager, request_extra_keys
+from tokenfab.engine.kv_cache import EventSink, KVCacheManager
 from tokenfab.engine.runner import Runner, StepBatch
 from tokenfab.engine.sampler import Sampler, SampleResult, SampleRow, make_generator
 from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenfab.engine.sequence import Sequence
 from tokenfab.engine.threads import ThreadTuner, available_cpus, settle_threadsafe
-from tokenfab.protocol import GenerateOutput, GenerateRequest, PositionLogprobs
+from tokenfab.kv.hashing import request_extra_keys
+from tokenfab.protocol import (
+    GenerateOutput,
+    GenerateRequest,
+    KVSnapshot,
+    LoadReport,
+    PositionLogprobs,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    prefix_cache_queries: int
-    """Prompt tokens looked up in the prefix cache at admission."""
-    prefix_cache_hits: int
-    """Of those, tokens found cached."""
-    num_preemptions: int
-    prompt_tokens: int
-    generation_tokens: int
-    requests_finished: int
-    num_steps: int
 
 
 @dataclass
@@ -120,6 +110,7 @@ class LLMEngine:
             loaded, num_blocks, bs, num_threads=config.num_threads
         )
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, event_sink)
+        self._clock: Clock = clock or MonotonicClock()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -128,7 +119,7 @@ class LLMEngine:
                 max_waiting=config.max_waiting,
             ),
             self.kv,
-            clock or MonotonicClock(),
+            self._clock,
         )
         self.sampler = Sampler(config.seed)
         # Thread count measured per step unless fixed by the user (see threads.py).
@@ -143,6 +134,7 @@ class LLMEngine:
         self._generation_tokens = 0
         self._finished = 0
         self._steps = 0
+        self._step_time_ema = 0.0
 
     # ------------------------------------------------------------------ requests
 
@@ -256,6 +248,7 @@ class LLMEngine:
             self.kv.flush_events()
             return []
         self._steps += 1
+        started = self._clock.now()
         failed: list[GenerateOutput] = []
         try:
             logits = self._execute(sched)
@@ -267,7 +260,12 @@ class LLMEngine:
         self.scheduler.update_computed(sched)
         outputs = self._sample_and_advance(sched, logits)
         self.kv.flush_events()
+        self._record_step_time(self._clock.now() - started)
         return failed + outputs
+
+    def _record_step_time(self, seconds: float) -> None:
+        ema = self._step_time_ema
+        self._step_time_ema = seconds if ema == 0.0 else 0.9 * ema + 0.1 * seconds
 
     def _execute(self, sched: SchedulerOutput) -> torch.Tensor:
         tuner = self._tuner
@@ -412,19 +410,37 @@ class LLMEngine:
         """Fail every request (used when the loop itself hit an unexpected error)."""
         return self._fail(list(self._seqs.values()), message)
 
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
+    def stats(self) -> LoadReport:
+        """The engine's load and counters (worker_id and timestamp left for the worker)."""
+        sched = self.scheduler
+        queued = sum(
+            max(0, seq.num_prompt_tokens - seq.num_computed_tokens)
+            for seq in (*sched.running, *sched.waiting)
+        )
+        return LoadReport(
+            running=len(sched.running),
+            waiting=len(sched.waiting),
             kv_blocks_used=self.kv.num_used_blocks,
             kv_blocks_total=self.kv.num_blocks,
+            queued_prefill_tokens=queued,
+            last_event_id=self.kv.last_event_id,
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
-            num_preemptions=self.scheduler.num_preemptions,
+            num_preemptions=sched.num_preemptions,
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
             requests_finished=self._finished,
             num_steps=self._steps,
+            step_time_ema=self._step_time_ema,
+        )
+
+    def kv_snapshot(self, worker_id: str = "") -> KVSnapshot:
+        """Every cached block hash with the id of the newest KV event: what a router that
+        missed events resyncs from."""
+        return KVSnapshot(
+            worker_id=worker_id,
+            last_event_id=self.kv.last_event_id,
+            block_hashes=self.kv.cached_hashes(),
         )
 
 
@@ -557,8 +573,16 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> LoadReport:
         return self.engine.stats()
+
+    async def kv_snapshot(self, worker_id: str = "") -> KVSnapshot:
+        """The engine's KVSnapshot, taken on the engine thread between steps (the cache is
+        consistent with the event ids there)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[KVSnapshot] = loop.create_future()
+        self._inbox.put(("snapshot", (worker_id, done)))
+        return await done
 
     # ------------------------------------------------------------------ engine thread
 
@@ -632,6 +656,10 @@ class AsyncEngine:
             out = engine.abort(arg)
             if out is not None:
                 outputs.append(out)
+        elif kind == "snapshot":
+            worker_id, done = arg
+            assert self._loop is not None
+            settle_threadsafe(self._loop, done, engine.kv_snapshot(worker_id))
 
     def _post(self, outputs: list[GenerateOutput | tuple[str, BaseException]]) -> None:
         loop = self._loop

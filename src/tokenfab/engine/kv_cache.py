@@ -25,17 +25,6 @@ from tokenfab.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEve
 EventSink = Callable[[list[KVEvent]], None]
 
 
-def request_extra_keys(lora_name: str | None, cache_salt: str | None) -> tuple[str, ...]:
-    """Extra keys folded into a request's block hashes (see tokenfab.kv.hashing.root_hash).
-    The router must use the same function to predict this engine's hashes."""
-    keys: list[str] = []
-    if lora_name:
-        keys.append(f"lora={lora_name}")
-    if cache_salt:
-        keys.append(f"salt={cache_salt}")
-    return tuple(keys)
-
-
 @dataclass(slots=True)
 class _Block:
     block_id: int
@@ -83,6 +72,7 @@ class KVCacheManager:
         self._seqs: dict[str, _SeqBlocks] = {}
         self._pending: list[KVEvent] = []
         self._next_event_id = 0
+        """Id of the newest event emitted (0: none); the first event is 1, as routers expect."""
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -261,6 +251,16 @@ class KVCacheManager:
     def _emit(self, event: KVEvent) -> None:
         if self.event_sink is not None:
             self._pending.append(event)
+
+    @property
+    def last_event_id(self) -> int:
+        """Id of the newest event emitted (0: none yet), flushed or not."""
+        return self._next_event_id
+
+    def cached_hashes(self) -> list[int]:
+        """Every cached block hash: with `last_event_id`, a snapshot a router can resync
+        from (the cache reflects every event emitted so far)."""
+        return list(self._cached)
 
     def flush_events(self) -> None:
         """Hand the events of the last step to the sink, in event-id order (one call)."""

@@ -70,16 +70,21 @@ class Fanout:
         """Request `i`'s stream and first output. A worker that is gone before the first
         output (its process died, or it left discovery) has produced nothing the client has
         seen, so the request goes to another worker instead of failing."""
+        tried: list[str] = []
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            stream = await self._pool.generate(req)
+            stream = await self._pool.generate(req, exclude=tried)
             self._streams[i] = stream
             try:
-                return await anext(stream)
+                first = await anext(stream)
             except RemoteError as e:
                 stream.cancel()
+                tried.append(stream.instance_id)
                 if e.code != "unavailable" or attempt == MAX_ATTEMPTS or not self._pool.workers:
                     raise
                 log.warning("request %s: %s; retrying on another worker", req.request_id, e)
+                continue
+            self._pool.first_output(req, first)
+            return first
         raise AssertionError("unreachable")
 
     async def rest(self) -> AsyncIterator[tuple[int, GenerateOutput]]:

@@ -1,7 +1,10 @@
-"""The frontend's view of the workers: who is there (discovery) and which one gets a request.
+"""The frontend's view of the workers: who is there (discovery), what they cache and how loaded
+they are (KV events and load reports on the event plane), and which one gets a request (the
+router's decision).
 
-The choice sits behind `WorkerSelector` so the KV-aware router can replace round-robin without
-touching the API code.
+All decisions are the router's (`tokenfab.router`, a pure state machine); this module is its I/O
+edge: it feeds the router what the runtime delivers, asks a worker for a snapshot of its cache
+when the router has missed events, and sends each request where the router says.
 """
 
 from __future__ import annotations
@@ -9,53 +12,89 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Protocol
+import time
+from collections.abc import Callable, Sequence
 
+import msgspec
+
+from tokenfab.clock import Clock, MonotonicClock
+from tokenfab.kv.hashing import block_hashes, request_extra_keys
 from tokenfab.protocol import (
+    KV_EVENTS_TOPIC,
+    LOAD_TOPIC,
     WORKER_COMPONENT,
     GenerateOutput,
     GenerateRequest,
+    KVEventBatch,
+    KVSnapshot,
     LoadReport,
+    SnapshotRequest,
     StatsRequest,
+    WorkerInfo,
 )
-from tokenfab.runtime import InstanceInfo, InstanceUnavailable, ResponseStream, Runtime
+from tokenfab.router.router import NoWorkerError, RouteDecision, Router, RouterConfig
+from tokenfab.runtime import (
+    InstanceInfo,
+    InstanceUnavailable,
+    ResponseStream,
+    Runtime,
+    Subscription,
+)
 
 log = logging.getLogger(__name__)
 
-
-class WorkerSelector(Protocol):
-    def choose(self, workers: Sequence[InstanceInfo], request: GenerateRequest) -> InstanceInfo:
-        """Pick one of `workers` (never empty) for `request`."""
-        ...
+RouteListener = Callable[[GenerateRequest, RouteDecision], None]
 
 
-class RoundRobin:
-    def __init__(self) -> None:
-        self._next = 0
-
-    def choose(self, workers: Sequence[InstanceInfo], request: GenerateRequest) -> InstanceInfo:
-        worker = workers[self._next % len(workers)]
-        self._next += 1
-        return worker
+def worker_info(instance: InstanceInfo) -> WorkerInfo | None:
+    """The typed description a worker registered with (None if it is not one of ours)."""
+    try:
+        return msgspec.convert(instance.metadata, WorkerInfo)
+    except msgspec.ValidationError as e:
+        log.warning("ignoring %s: bad worker description (%s)", instance.instance_id, e)
+        return None
 
 
 class WorkerPool:
-    """Keeps the live worker set from discovery and sends requests to the chosen one."""
+    """Keeps the live worker set from discovery, feeds the router, and sends requests to the
+    worker it chooses."""
 
-    def __init__(self, runtime: Runtime, selector: WorkerSelector | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        router: RouterConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.runtime = runtime
-        self.selector = selector or RoundRobin()
+        self.clock = clock or MonotonicClock()
+        self.router = Router(router or RouterConfig(), self.clock)
         self._workers: dict[str, InstanceInfo] = {}
+        self.infos: dict[str, WorkerInfo] = {}
         self._active: dict[str, set[ResponseStream[GenerateOutput]]] = {}
         """Open generate streams per worker, failed at once if that worker disappears."""
         self._changed = asyncio.Event()
-        self._watch_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._resyncing: dict[str, list[KVEventBatch]] = {}
+        """Workers whose snapshot is on its way, with the event batches that arrived since."""
+        self.listeners: list[RouteListener] = []
+        """Called with each routing decision (metrics)."""
+        self.event_lag_s: list[float] = []
+        """Recent delays from a worker publishing KV events to the router applying them."""
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Subscribe before listing, so no event published after the snapshot is missed.
+        events = await self.runtime.subscribe(KV_EVENTS_TOPIC, KVEventBatch)
+        loads = await self.runtime.subscribe(LOAD_TOPIC, LoadReport)
         for info in await self.runtime.instances(WORKER_COMPONENT):
-            self._workers[info.instance_id] = info
-        self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+            self._add(info)
+        self._tasks = [
+            loop.create_task(self._watch()),
+            loop.create_task(self._consume_events(events)),
+            loop.create_task(self._consume_loads(loads)),
+        ]
+
+    # ------------------------------------------------------------------ discovery
 
     async def _watch(self) -> None:
         async for event in self.runtime.watch(WORKER_COMPONENT):
@@ -63,17 +102,33 @@ class WorkerPool:
                 wid = event.instance.instance_id
                 old = self._workers.get(wid)
                 if old is not None and old.incarnation != event.instance.incarnation:
-                    self.forget(wid, "restarted")  # its old streams died with it
-                self._workers[wid] = event.instance
-                self._changed.set()
+                    self.forget(wid, "restarted")  # its old streams and cache died with it
+                if wid not in self._workers:
+                    self._add(event.instance)
             else:
                 self.forget(event.instance.instance_id, "went away")
 
+    def _add(self, instance: InstanceInfo) -> None:
+        info = worker_info(instance)
+        if info is None:
+            return
+        wid = instance.instance_id
+        self._workers[wid] = instance
+        self.infos[wid] = info
+        self.router.add_worker(wid, info)
+        self._changed.set()
+        # A worker seen for the first time may have cached blocks already (this frontend
+        # started late, or the worker was restarted): learn its state from a snapshot.
+        self._resync(wid)
+
     def forget(self, worker_id: str, reason: str) -> None:
         """Drop a worker known to be gone (discovery said so, or its process exited): its
-        streams in flight fail now instead of waiting for a lease to expire. Discovery adds
-        it back when it registers again."""
+        streams in flight fail now instead of waiting for a lease to expire, and the router
+        stops counting its cache. Discovery adds it back when it registers again."""
         self._workers.pop(worker_id, None)
+        self.infos.pop(worker_id, None)
+        self._resyncing.pop(worker_id, None)
+        self.router.remove_worker(worker_id)
         for stream in list(self._active.pop(worker_id, ())):
             stream.fail("unavailable", f"worker {worker_id} {reason}")
         self._changed.set()
@@ -81,6 +136,10 @@ class WorkerPool:
     @property
     def workers(self) -> list[InstanceInfo]:
         return sorted(self._workers.values(), key=lambda w: w.instance_id)
+
+    @property
+    def first_info(self) -> WorkerInfo | None:
+        return self.infos[min(self.infos)] if self.infos else None
 
     async def wait_for_workers(self, n: int = 1, timeout: float = 30.0) -> None:
         async def until() -> None:
@@ -90,16 +149,109 @@ class WorkerPool:
 
         await asyncio.wait_for(until(), timeout)
 
-    async def generate(self, request: GenerateRequest) -> ResponseStream[GenerateOutput]:
-        workers = self.workers
-        if not workers:
+    # ------------------------------------------------------------------ events and load
+
+    async def _consume_events(self, sub: Subscription[KVEventBatch]) -> None:
+        async for batch in sub:
+            wid = batch.worker_id
+            if wid not in self._workers:
+                continue  # not (yet) in discovery: its snapshot will cover these
+            if batch.timestamp:
+                self._note_lag(time.time() - batch.timestamp)
+            pending = self._resyncing.get(wid)
+            if pending is not None:
+                pending.append(batch)
+            elif not self.router.on_kv_events(batch):
+                self._resync(wid)
+
+    async def _consume_loads(self, sub: Subscription[LoadReport]) -> None:
+        async for report in sub:
+            if report.worker_id not in self._workers:
+                continue
+            self.router.on_load(report)
+            for wid in self.router.workers_needing_resync():
+                self._resync(wid)
+
+    def _note_lag(self, lag: float) -> None:
+        self.event_lag_s.append(max(0.0, lag))
+        if len(self.event_lag_s) > 256:
+            del self.event_lag_s[:128]
+
+    def _resync(self, worker_id: str) -> None:
+        if worker_id in self._resyncing:
+            return
+        self._resyncing[worker_id] = []
+        task = asyncio.get_running_loop().create_task(self._fetch_snapshot(worker_id))
+        self._tasks.append(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+
+    async def _fetch_snapshot(self, worker_id: str, timeout: float = 10.0) -> None:
+        snap: KVSnapshot | None = None
+        try:
+            stream = await self.runtime.call(
+                worker_id, "kv_snapshot", SnapshotRequest(), KVSnapshot
+            )
+            async with stream:
+                snap = await asyncio.wait_for(anext(stream), timeout)
+        except Exception as e:  # the worker died or is too old to serve snapshots
+            log.warning("KV snapshot of %s failed: %s", worker_id, e)
+        buffered = self._resyncing.pop(worker_id, None)
+        if snap is None or buffered is None or worker_id not in self._workers:
+            return
+        self.router.on_snapshot(snap)
+        for batch in buffered:  # events newer than the snapshot, in arrival order
+            if not self.router.on_kv_events(batch):
+                self._resync(worker_id)
+                return
+
+    # ------------------------------------------------------------------ requests
+
+    def route(self, request: GenerateRequest, exclude: Sequence[str] = ()) -> RouteDecision:
+        """The router's choice for `request` among the live workers (minus `exclude`)."""
+        candidates = [w for w in sorted(self._workers) if w not in exclude]
+        if not candidates:
             raise InstanceUnavailable("no worker is available")
-        wid = self.selector.choose(workers, request).instance_id
-        stream = await self.runtime.call(wid, "generate", request, GenerateOutput)
+        info = self.infos[candidates[0]]
+        keys = request_extra_keys(request.lora_name, request.cache_salt)
+        hashes = block_hashes(request.prompt_token_ids, info.block_size, keys)
+        try:
+            decision = self.router.route(
+                request.request_id, hashes, len(request.prompt_token_ids), candidates
+            )
+        except NoWorkerError as e:
+            raise InstanceUnavailable(str(e)) from None
+        for listener in self.listeners:
+            listener(request, decision)
+        return decision
+
+    async def generate(
+        self, request: GenerateRequest, exclude: Sequence[str] = ()
+    ) -> ResponseStream[GenerateOutput]:
+        decision = self.route(request, exclude)
+        wid, rid = decision.worker_id, request.request_id
+        try:
+            stream = await self.runtime.call(wid, "generate", request, GenerateOutput)
+        except BaseException:
+            self.router.on_request_finished(rid)
+            raise
         active = self._active.setdefault(wid, set())
         active.add(stream)
-        stream.on_done(active.discard)
+
+        def done(s: ResponseStream[GenerateOutput]) -> None:
+            active.discard(s)
+            self.router.on_request_finished(rid)
+
+        stream.on_done(done)
         return stream
+
+    def first_output(self, request: GenerateRequest, out: GenerateOutput) -> None:
+        """The request's prompt is computed on its worker: its prefill no longer counts as
+        queued there."""
+        self.router.on_first_token(request.request_id)
 
     async def stats(self, timeout: float = 2.0) -> list[LoadReport]:
         """A fresh LoadReport from every worker that answers within `timeout`."""
@@ -119,7 +271,7 @@ class WorkerPool:
         return [r for r in reports if r is not None]
 
     async def close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

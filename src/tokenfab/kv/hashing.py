@@ -16,6 +16,17 @@ import xxhash
 ROOT_HASH = 0
 
 
+def request_extra_keys(lora_name: str | None, cache_salt: str | None) -> tuple[str, ...]:
+    """Extra keys folded into a request's block hashes: the engine's cache and the router use
+    this one function, so the router predicts the engine's hashes exactly."""
+    keys: list[str] = []
+    if lora_name:
+        keys.append(f"lora={lora_name}")
+    if cache_salt:
+        keys.append(f"salt={cache_salt}")
+    return tuple(keys)
+
+
 def root_hash(extra_keys: Sequence[str] = ()) -> int:
     """The parent hash of a sequence's first block; extra keys (cache salt, LoRA name) fold in
     here so every block of a salted sequence differs from the unsalted one."""

