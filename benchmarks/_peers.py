@@ -83,6 +83,35 @@ def ensure_vllm_venv() -> Path:
     return py
 
 
+AIPERF_VENV = BENCH_DIR / ".venvs" / "aiperf"
+AIPERF_VERSION = "0.13.0"
+
+
+def ensure_aiperf_venv() -> Path:
+    """Create benchmarks/.venvs/aiperf with NVIDIA's aiperf load generator (idempotent) and
+    return its `aiperf` executable. Its own venv: its dependencies are not ours."""
+    exe = AIPERF_VENV / "bin" / "aiperf"
+    marker = AIPERF_VENV / READY_MARKER
+    if marker.exists() and exe.exists():
+        return exe
+    log(f"setting up aiperf {AIPERF_VERSION} in {AIPERF_VENV} (first run only)")
+    base = getattr(sys, "_base_executable", None) or shutil.which("python3") or sys.executable
+    if not (AIPERF_VENV / "bin" / "python").exists():
+        subprocess.run([base, "-m", "venv", str(AIPERF_VENV)], check=True)
+    py = AIPERF_VENV / "bin" / "python"
+    logfile = AIPERF_VENV.parent / "aiperf-install.log"
+    with logfile.open("w") as f:
+        r = subprocess.run(
+            [str(py), "-m", "pip", "install", f"aiperf=={AIPERF_VERSION}"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    if r.returncode != 0 or not exe.exists():
+        raise RuntimeError(f"pip install of aiperf failed; see {logfile}")
+    marker.write_text(f"aiperf=={AIPERF_VERSION}\n")
+    return exe
+
+
 def _find_lib(name: str, extra_dirs: tuple[Path, ...] = ()) -> Path | None:
     dirs = (*extra_dirs, Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib"))
     for d in dirs:

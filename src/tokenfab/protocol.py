@@ -224,7 +224,7 @@ class LoadReport(msgspec.Struct, kw_only=True):
 WorkerRole = Literal["aggregated", "prefill", "decode"]
 
 
-class WorkerInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+class WorkerInfo(msgspec.Struct, kw_only=True):
     """What a worker tells discovery about itself: everything a frontend, router or planner
     needs to send it work."""
 

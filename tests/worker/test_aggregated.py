@@ -19,7 +19,9 @@ from tokenfab.protocol import (
     GenerateRequest,
     KVEventBatch,
     LoadReport,
+    KVSnapshot,
     SamplingParams,
+    SnapshotRequest,
     StatsRequest,
 )
 from tokenfab.runtime import RemoteError, Runtime
@@ -66,7 +68,7 @@ async def test_registers_serves_and_publishes(setup) -> None:
     load = await rt.subscribe(LOAD_TOPIC, LoadReport)
     (info,) = await rt.instances(WORKER_COMPONENT)
     assert info.instance_id == "w0" and info.metadata["role"] == "aggregated"
-    assert info.metadata["max_model_len"] == 256 and set(info.endpoints) == {"generate", "stats"}
+    assert info.metadata["max_model_len"] == 256 and set(info.endpoints) == {"generate", "stats", "kv_snapshot"}
 
     outs = [o async for o in await rt.call("w0", "generate", _req("r1", 6), GenerateOutput)]
     assert sum(len(o.token_ids) for o in outs) == 6
@@ -124,3 +126,23 @@ async def test_a_dead_engine_leaves_discovery(setup) -> None:
             break
         await asyncio.sleep(0.02)
     assert await rt.instances(WORKER_COMPONENT) == []
+
+
+async def test_kv_snapshot_matches_the_published_events(setup) -> None:
+    """A router that missed events resyncs from the snapshot: it holds every block the events
+    announced, at the event id of the newest one."""
+    from tokenfab.kv.hashing import block_hashes
+
+    rt, worker = setup
+    kv = await rt.subscribe(KV_EVENTS_TOPIC, KVEventBatch)
+    prompt = list(range(100, 150))  # 3 full blocks of 16
+    outs = [o async for o in await rt.call("w0", "generate", _req("s1", 2, prompt), GenerateOutput)]
+    assert outs[-1].finished
+    batch = await asyncio.wait_for(anext(kv), 10)
+    async with await rt.call("w0", "kv_snapshot", SnapshotRequest(), KVSnapshot) as s:
+        snap = await asyncio.wait_for(anext(s), 10)
+    assert snap.worker_id == "w0"
+    assert snap.last_event_id == batch.events[-1].event_id >= 1
+    assert set(block_hashes(prompt, 16)) <= set(snap.block_hashes)
+    report = await _stats(rt)
+    assert report.last_event_id == snap.last_event_id and report.worker_id == "w0"

@@ -152,7 +152,7 @@ _DONE = b"data: [DONE]\n\n"
 
 def build_app(state: FrontendState) -> FastAPI:
     app = FastAPI(title="tokenfab", version="0.1.0", docs_url=None, redoc_url=None)
-    metrics = FrontendMetrics()
+    metrics = FrontendMetrics(state.pool.router_metrics)
     prompts = Prompts(state.tokenizer)
     app.state.tokenfab = state
     app.state.metrics = metrics

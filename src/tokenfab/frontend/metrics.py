@@ -7,13 +7,15 @@ preemptions) come from the workers' LoadReports, refreshed when /metrics is scra
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tokenfab.protocol import LoadReport
+from tokenfab.router.router import RouterStats
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
@@ -73,8 +75,68 @@ class WorkerStatsCollector(Collector):
         yield rate
 
 
+class RouterCollector(Collector):
+    """The router's counters and the frontend's predicted-vs-actual prefix hits, read at scrape
+    time through `read` (the pool's `router_metrics`)."""
+
+    def __init__(self, read: Callable[[], RouterMetrics] | None = None) -> None:
+        self.read = read
+
+    def collect(self) -> Iterable[Metric]:
+        if self.read is None:
+            return
+        m = self.read()
+        s = m.stats
+        decisions = CounterMetricFamily(
+            "tokenfab_router_decisions", "Requests routed to each worker.", labels=["worker"]
+        )
+        for worker, n in s.decisions.items():
+            decisions.add_metric([worker], n)
+        yield decisions
+        hits = CounterMetricFamily(
+            "tokenfab_router_prefix_hit_tokens",
+            "Prompt tokens found cached: predicted by the router, and actual (engines' report).",
+            labels=["kind"],
+        )
+        hits.add_metric(["predicted"], m.predicted_hit_tokens)
+        hits.add_metric(["actual"], m.actual_hit_tokens)
+        yield hits
+        index = GaugeMetricFamily(
+            "tokenfab_router_index_blocks", "Blocks in the router's index.", labels=["worker"]
+        )
+        for worker, n in s.index_blocks_per_worker.items():
+            index.add_metric([worker], n)
+        yield index
+        yield GaugeMetricFamily(
+            "tokenfab_router_index_hashes", "Distinct block hashes indexed.", value=s.index_blocks
+        )
+        for name, doc, value in (
+            ("tokenfab_router_kv_events", "KV events applied to the index.", s.events_applied),
+            ("tokenfab_router_resyncs", "Workers resynced from a snapshot.", s.resyncs),
+            (
+                "tokenfab_router_pending_expired",
+                "Pending routes dropped by TTL.",
+                s.pending_expired,
+            ),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "tokenfab_router_event_lag_seconds",
+            "Median delay from a worker publishing KV events to the router applying them.",
+            value=m.event_lag_p50_s,
+        )
+
+
+@dataclass(frozen=True)
+class RouterMetrics:
+    stats: RouterStats
+    predicted_hit_tokens: int
+    actual_hit_tokens: int
+    event_lag_p50_s: float
+
+
 class FrontendMetrics:
-    def __init__(self) -> None:
+    def __init__(self, router: Callable[[], RouterMetrics] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -115,6 +177,7 @@ class FrontendMetrics:
         )
         self.workers = WorkerStatsCollector()
         r.register(self.workers)
+        r.register(RouterCollector(router))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from tokenfab.clock import Clock, MonotonicClock
+from tokenfab.frontend.metrics import RouterMetrics
 from tokenfab.kv.hashing import block_hashes, request_extra_keys
 from tokenfab.protocol import (
     KV_EVENTS_TOPIC,
@@ -80,6 +81,10 @@ class WorkerPool:
         """Called with each routing decision (metrics)."""
         self.event_lag_s: list[float] = []
         """Recent delays from a worker publishing KV events to the router applying them."""
+        self.predicted_hit_tokens = 0
+        """Prompt tokens the router expected the chosen workers to find cached (total)."""
+        self.actual_hit_tokens = 0
+        """Prompt tokens the workers did find cached (total, from first outputs)."""
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -198,7 +203,7 @@ class WorkerPool:
             async with stream:
                 snap = await asyncio.wait_for(anext(stream), timeout)
         except Exception as e:  # the worker died or is too old to serve snapshots
-            log.warning("KV snapshot of %s failed: %s", worker_id, e)
+            log.warning("KV snapshot of %s failed: %r", worker_id, e)
         buffered = self._resyncing.pop(worker_id, None)
         if snap is None or buffered is None or worker_id not in self._workers:
             return
@@ -224,6 +229,7 @@ class WorkerPool:
             )
         except NoWorkerError as e:
             raise InstanceUnavailable(str(e)) from None
+        self.predicted_hit_tokens += decision.predicted_hit_tokens
         for listener in self.listeners:
             listener(request, decision)
         return decision
@@ -251,7 +257,17 @@ class WorkerPool:
     def first_output(self, request: GenerateRequest, out: GenerateOutput) -> None:
         """The request's prompt is computed on its worker: its prefill no longer counts as
         queued there."""
+        self.actual_hit_tokens += out.num_cached_tokens
         self.router.on_first_token(request.request_id)
+
+    def router_metrics(self) -> RouterMetrics:
+        lags = sorted(self.event_lag_s)
+        return RouterMetrics(
+            stats=self.router.stats(),
+            predicted_hit_tokens=self.predicted_hit_tokens,
+            actual_hit_tokens=self.actual_hit_tokens,
+            event_lag_p50_s=lags[len(lags) // 2] if lags else 0.0,
+        )
 
     async def stats(self, timeout: float = 2.0) -> list[LoadReport]:
         """A fresh LoadReport from every worker that answers within `timeout`."""

@@ -373,16 +373,24 @@ class Runtime:
         metadata: dict[str, Any] | None = None,
         lease_ttl: float = 10.0,
         keepalive: bool = True,
+        handlers: dict[str, tuple[type, Handler]] | None = None,
     ) -> Registration:
+        """Announce an instance. `handlers` (endpoint -> (request type, handler)) are served
+        *before* the announcement, so a caller that reacts to it at once finds them."""
         info = InstanceInfo(
             instance_id=check_token(instance_id or f"{component}-{uuid.uuid4().hex[:8]}", "id"),
             component=check_token(component, "component"),
-            endpoints=list(endpoints or []),
+            endpoints=list(endpoints or [])
+            + [n for n in handlers or {} if n not in (endpoints or [])],
             metadata=dict(metadata or {}),
             incarnation=uuid.uuid4().hex,
         )
+        served = [
+            await self.serve(info.instance_id, name, request_type, handler)
+            for name, (request_type, handler) in (handlers or {}).items()
+        ]
         lease_id = await self.discovery.put(info, lease_ttl)
-        reg = Registration(info, lease_id, lease_ttl, self)
+        reg = Registration(info, lease_id, lease_ttl, self, _endpoints=served)
         if keepalive:
             reg._keepalive = asyncio.get_running_loop().create_task(reg._keep_alive())
         return reg

@@ -59,9 +59,11 @@ class AggregatedWorker:
         worker_id: str | None = None,
         role: WorkerRole = "aggregated",
         load_interval: float = 0.5,
-        lease_ttl: float = 10.0,
+        lease_ttl: float = 2.5,
     ) -> None:
-        """`engine` is a started AsyncEngine; `kv_events` the sink it was built with."""
+        """`engine` is a started AsyncEngine; `kv_events` the sink it was built with. The lease
+        is short so a worker killed without a goodbye leaves discovery within ~3 s (its
+        heartbeat is every lease_ttl / 3)."""
         self.engine = engine
         self.runtime = runtime
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
@@ -86,17 +88,17 @@ class AggregatedWorker:
         )
 
     async def start(self) -> None:
-        reg = await self.runtime.register(
+        self._registration = await self.runtime.register(
             WORKER_COMPONENT,
             self.worker_id,
-            endpoints=["generate", "stats", "kv_snapshot"],
             metadata=msgspec.to_builtins(self.info()),
             lease_ttl=self._lease_ttl,
+            handlers={
+                "generate": (GenerateRequest, self._generate),
+                "stats": (StatsRequest, self._stats),
+                "kv_snapshot": (SnapshotRequest, self._snapshot),
+            },
         )
-        self._registration = reg
-        await reg.serve("generate", GenerateRequest, self._generate)
-        await reg.serve("stats", StatsRequest, self._stats)
-        await reg.serve("kv_snapshot", SnapshotRequest, self._snapshot)
         loop = asyncio.get_running_loop()
         if self._kv_events is not None:
             self._tasks.append(loop.create_task(self._publish_kv_events(self._kv_events.bind())))
