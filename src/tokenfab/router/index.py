@@ -20,6 +20,7 @@ import heapq
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 
 from tokenfab.protocol import (
     AllBlocksCleared,
@@ -35,6 +36,9 @@ FIRST_EVENT_ID = 1
 worker whose first event the index sees has a larger id joined before the router (or its first
 events were lost) and must be re-synced from a snapshot."""
 
+_BULK = 4
+"""Runs of at least this many hashes take the C-level path in `_store`/`_remove`."""
+
 DEFAULT_RESYNC_BUFFER = 16_384
 """Events kept per worker while it waits for a snapshot; older ones are dropped (the replay
 then finds a gap and asks for another snapshot rather than apply an incomplete stream)."""
@@ -44,8 +48,7 @@ then finds a gap and asks for another snapshot rather than apply an incomplete s
 class _WorkerState:
     bit: int
     """The worker's one-bit mask (1 << slot)."""
-    blocks: set[int] = field(default_factory=set)
-    """Hashes this worker holds: makes clearing, removal and snapshots O(worker's blocks)."""
+    num_blocks: int = 0
     last_event_id: int = FIRST_EVENT_ID - 1
     resync: bool = False
     buffer: deque[KVEvent] = field(default_factory=deque)
@@ -121,10 +124,10 @@ class KVIndex:
 
     def num_worker_blocks(self, worker_id: str) -> int:
         state = self._workers.get(worker_id)
-        return len(state.blocks) if state is not None else 0
+        return state.num_blocks if state is not None else 0
 
     def block_counts(self) -> dict[str, int]:
-        return {w: len(s.blocks) for w, s in sorted(self._workers.items())}
+        return {w: s.num_blocks for w, s in sorted(self._workers.items())}
 
     def holders(self, block_hash: int) -> list[str]:
         """Workers holding one block (for tests and debugging; `find_matches` is the fast path)."""
@@ -197,39 +200,72 @@ class KVIndex:
 
     # ------------------------------------------------------------------ block sets
 
+    # Hot path. Runs of `_BULK` or more hashes do their per-hash work inside C-level builtins
+    # (map over dict methods, list.count), with a Python loop only for hashes other workers
+    # also hold; shorter runs (a decoding sequence filled one block) take a plain loop, cheaper
+    # than building lists. Together ~1.4x the event rate of plain loops, and ~2x that of also
+    # keeping a set of hashes per worker (benchmarks/router_index.py).
+
     def _store(self, state: _WorkerState, hashes: Sequence[int]) -> None:
         holders = self._holders
-        get = holders.get
         bit = state.bit
-        for h in hashes:
-            holders[h] = get(h, 0) | bit
-        state.blocks.update(hashes)
+        before = len(holders)
+        added = 0
+        # setdefault inserts a new hash with this worker's bit, or returns the existing mask.
+        if len(hashes) < _BULK:
+            for h in hashes:
+                mask = holders.setdefault(h, bit)
+                if mask != bit:
+                    added += not mask & bit
+                    holders[h] = mask | bit
+        else:
+            masks = list(map(holders.setdefault, hashes, repeat(bit)))
+            if masks.count(bit) != len(masks):
+                for h, mask in zip(hashes, masks, strict=True):
+                    if mask != bit:
+                        added += not mask & bit
+                        holders[h] = mask | bit
+        state.num_blocks += added + len(holders) - before
 
     def _remove(self, state: _WorkerState, hashes: Sequence[int]) -> None:
         holders = self._holders
-        get = holders.get
-        keep = ~state.bit
-        for h in hashes:
-            mask = get(h)
-            if mask is None:
-                continue
-            mask &= keep
-            if mask:
-                holders[h] = mask
-            else:
-                del holders[h]
-        state.blocks.difference_update(hashes)
+        bit = state.bit
+        if len(hashes) < _BULK:
+            masks = [holders.pop(h, 0) for h in hashes]
+        else:
+            masks = list(map(holders.pop, hashes, repeat(0)))
+            if masks.count(bit) == len(masks):
+                state.num_blocks -= len(masks)  # all were this worker's alone
+                return
+        keep = ~bit
+        removed = 0
+        for h, mask in zip(hashes, masks, strict=True):
+            if mask != bit:
+                rest = mask & keep
+                if rest:
+                    holders[h] = rest  # others still hold it
+                if not mask & bit:
+                    continue
+            removed += 1
+        state.num_blocks -= removed
 
     def _drop_all(self, state: _WorkerState) -> None:
+        """Remove the worker from every entry: a scan of the whole map (~50 ms per million
+        hashes here), paid only on AllBlocksCleared, worker removal and snapshots, so that the
+        hot path keeps no per-worker set."""
+        if not state.num_blocks:
+            return
         holders = self._holders
-        keep = ~state.bit
-        for h in state.blocks:
-            mask = holders[h] & keep
-            if mask:
-                holders[h] = mask
-            else:
-                del holders[h]
-        state.blocks = set()
+        bit = state.bit
+        mine = list(compress(holders, map(bit.__and__, holders.values())))
+        masks = list(map(holders.pop, mine))
+        if masks.count(bit) != len(masks):
+            keep = ~bit
+            for h, mask in zip(mine, masks, strict=True):
+                rest = mask & keep
+                if rest:
+                    holders[h] = rest
+        state.num_blocks = 0
 
     # ------------------------------------------------------------------ matching
 
