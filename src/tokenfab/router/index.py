@@ -223,6 +223,7 @@ class KVIndex:
             if masks.count(bit) != len(masks):
                 for h, mask in zip(hashes, masks, strict=True):
                     if mask != bit:
+                        mask = holders[h]  # again: the run may hold this hash twice
                         added += not mask & bit
                         holders[h] = mask | bit
         state.num_blocks += added + len(holders) - before
