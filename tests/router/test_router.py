@@ -92,7 +92,11 @@ def test_pending_hashes_are_confirmed_by_events() -> None:
     w = c.route("r1", tokens).worker_id
     d = c.route("r2", tokens)
     assert d.worker_id == w and d.overlap_blocks == 4 and d.cached_blocks == 0
-    c.store(w, hashes)
+    assert c.router.worker_load(w).queued_prefill_tokens == 4 * BS  # r1's; r2 rides on it
+    c.store(w, hashes[:3])
+    # Stored blocks are computed: they no longer count as queued prefill.
+    assert c.router.worker_load(w).queued_prefill_tokens == BS
+    c.store(w, hashes[3:])
     d = c.route("r3", tokens)
     assert d.worker_id == w and d.overlap_blocks == d.cached_blocks == 4
     assert c.router.stats().pending_requests == 3
@@ -143,7 +147,7 @@ def test_load_reports_steer_and_replace_pending_load() -> None:
     # Two reports later the router trusts w1's reports to include r1.
     c.router.on_load(LoadReport(worker_id="w1", running=1, kv_blocks_used=8))
     c.router.on_load(LoadReport(worker_id="w1", running=1, kv_blocks_used=8))
-    load = c.router._load("w1", 0, 0)  # the pending part is gone, the report remains
+    load = c.router.worker_load("w1")  # the pending part is gone, the report remains
     assert (load.num_requests, load.active_blocks, load.queued_prefill_tokens) == (1, 8, 0)
 
 
@@ -229,6 +233,13 @@ def test_candidates_restrict_the_choice_and_no_worker_raises() -> None:
         c.route("r2", tokens, candidates=["nope"])
     with pytest.raises(NoWorkerError, match="no worker"):
         Router(RouterConfig(), ManualClock()).route("r", [], 0)
+
+
+def test_hashes_of_another_block_size_are_refused() -> None:
+    c = Cluster(workers=1)
+    tokens = prompt(1, blocks=4)
+    with pytest.raises(ValueError, match="block_size 16"):
+        c.router.route("r", block_hashes(tokens, 8), len(tokens))
 
 
 def test_block_size_comes_from_workers_and_must_agree() -> None:
