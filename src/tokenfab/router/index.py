@@ -52,7 +52,8 @@ class _WorkerState:
     last_event_id: int = FIRST_EVENT_ID - 1
     resync: bool = False
     buffer: deque[KVEvent] = field(default_factory=deque)
-    """Events received while waiting for a snapshot, replayed after it."""
+    """Events received while waiting for a snapshot, replayed after it (bounded: the oldest
+    go first)."""
 
 
 class KVIndex:
@@ -141,7 +142,7 @@ class KVIndex:
         worker was already waiting for a snapshot."""
         state = self._state(batch.worker_id)
         if state.resync:
-            self._buffer(state, batch.events)
+            state.buffer.extend(batch.events)
             return False
         return self._apply_events(state, batch.events)
 
@@ -159,7 +160,7 @@ class KVIndex:
         state.last_event_id = snap.last_event_id
         state.resync = False
         self.snapshots_loaded += 1
-        buffered, state.buffer = state.buffer, deque()
+        buffered, state.buffer = state.buffer, deque(maxlen=self._resync_buffer)
         return self._apply_events(state, buffered)
 
     def _apply_events(self, state: _WorkerState, events: Iterable[KVEvent]) -> bool:
@@ -175,8 +176,8 @@ class KVIndex:
                 state.resync = True
                 self.gaps += 1
                 state.buffer.clear()
-                self._buffer(state, (event,))
-                self._buffer(state, it)
+                state.buffer.append(event)
+                state.buffer.extend(it)
                 break
             last = event_id
             applied += 1
@@ -192,11 +193,6 @@ class KVIndex:
         state.last_event_id = last
         self.events_applied += applied
         return not state.resync
-
-    def _buffer(self, state: _WorkerState, events: Iterable[KVEvent]) -> None:
-        state.buffer.extend(events)
-        while len(state.buffer) > self._resync_buffer:
-            state.buffer.popleft()
 
     # ------------------------------------------------------------------ block sets
 
@@ -325,7 +321,9 @@ class KVIndex:
                 slot = len(self._slot_owner)
                 self._slot_owner.append(worker_id)
             state = self._workers[worker_id] = _WorkerState(
-                bit=1 << slot, last_event_id=self._first_event_id - 1
+                bit=1 << slot,
+                last_event_id=self._first_event_id - 1,
+                buffer=deque(maxlen=self._resync_buffer),
             )
         return state
 
