@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 
@@ -275,14 +275,14 @@ class KVIndex:
         if not hashes:
             return {}
         holders = self._holders
+        mask_of: Callable[[int], int | None] = holders.get  # the bound method: no extra call
         if overlay:
             extra = overlay.get
 
-            def mask_of(h: int) -> int:
+            def with_overlay(h: int) -> int | None:
                 return holders.get(h, 0) | extra(h, 0)
 
-        else:
-            mask_of = holders.get  # type: ignore[assignment]
+            mask_of = with_overlay
 
         current = mask_of(hashes[0]) or 0
         if not current:
