@@ -28,12 +28,18 @@ def prompt(seed: int, blocks: int = 8, prefix: list[int] | None = None) -> list[
 class Cluster:
     """A router plus the bookkeeping of what each worker has emitted, to feed it events."""
 
-    def __init__(self, workers: int = 3, clock: ManualClock | None = None, **config: object):
+    def __init__(
+        self,
+        workers: int = 3,
+        clock: ManualClock | None = None,
+        add_reversed: bool = False,
+        **config: object,
+    ):
         self.clock = clock or ManualClock()
         self.router = Router(RouterConfig(**config), self.clock)  # type: ignore[arg-type]
         self.next_event = {f"w{i}": 1 for i in range(workers)}
         self.cached: dict[str, list[int]] = {w: [] for w in self.next_event}
-        for w in self.next_event:
+        for w in sorted(self.next_event, reverse=add_reversed):
             self.router.add_worker(w, INFO)
 
     def store(self, worker: str, hashes: list[int]) -> KVEventBatch:
@@ -294,8 +300,8 @@ def test_round_robin_random_and_least_loaded() -> None:
 
 
 def test_two_routers_fed_the_same_inputs_decide_the_same() -> None:
-    def run(seed: int) -> list[str]:
-        c = Cluster(workers=4, seed=seed, temperature=0.5)
+    def run(seed: int, add_reversed: bool = False) -> list[str]:
+        c = Cluster(workers=4, seed=seed, temperature=0.5, add_reversed=add_reversed)
         out = []
         for i in range(60):
             if i % 7 == 0:
@@ -312,6 +318,8 @@ def test_two_routers_fed_the_same_inputs_decide_the_same() -> None:
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+    # Nor does the order in which discovery announced the workers matter.
+    assert run(3) == run(3, add_reversed=True)
 
 
 def test_stats_count_decisions_hits_and_events() -> None:
