@@ -164,8 +164,7 @@ class KVIndex:
         return self._apply_events(state, buffered)
 
     def _apply_events(self, state: _WorkerState, events: Iterable[KVEvent]) -> bool:
-        last = state.last_event_id
-        applied = 0
+        first = last = state.last_event_id
         it = iter(events)
         for event in it:
             event_id = event.event_id
@@ -180,7 +179,6 @@ class KVIndex:
                 state.buffer.extend(it)
                 break
             last = event_id
-            applied += 1
             # Exact type checks: the union's members are final structs, and `is` is the
             # cheapest dispatch on this hot path.
             kind = type(event)
@@ -191,7 +189,7 @@ class KVIndex:
             elif kind is AllBlocksCleared:
                 self._drop_all(state)
         state.last_event_id = last
-        self.events_applied += applied
+        self.events_applied += last - first  # ids are contiguous
         return not state.resync
 
     # ------------------------------------------------------------------ block sets
