@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 from tokenfab.kv.hashing import block_hashes
 from tokenfab.protocol import (
     AllBlocksCleared,
@@ -205,3 +207,41 @@ def test_resync_buffer_is_bounded() -> None:
     # Event 3 fell out of the buffer: a snapshot at 2 cannot be completed.
     assert not idx.load_snapshot(KVSnapshot(worker_id="w0", last_event_id=2, block_hashes=HA[:1]))
     assert idx.needs_resync("w0")
+
+
+def test_random_event_streams_match_a_reference_model() -> None:
+    """Short and long runs, shared and unshared hashes, duplicates inside a run, clears and
+    worker removals: the index agrees with a plain dict-of-sets model."""
+    rng = random.Random(5)
+    pool = [rng.getrandbits(64) for _ in range(60)]
+    idx = KVIndex()
+    model: dict[str, set[int]] = {}
+    next_id: dict[str, int] = {}
+    for _ in range(600):
+        w = f"w{rng.randrange(5)}"
+        eid = next_id.get(w, FIRST_EVENT_ID)
+        op = rng.random()
+        if op < 0.02:
+            idx.remove_worker(w)
+            model.pop(w, None)
+            next_id.pop(w, None)
+            continue
+        hashes = [rng.choice(pool) for _ in range(rng.choice([1, 2, 3, 5, 9]))]
+        held = model.setdefault(w, set())
+        event: KVEvent
+        if op < 0.06:
+            event = AllBlocksCleared(event_id=eid)
+            held.clear()
+        elif op < 0.55:
+            event = stored(eid, hashes)
+            held.update(hashes)
+        else:
+            event = removed(eid, hashes)
+            held.difference_update(hashes)
+        assert idx.apply(batch(w, event))
+        next_id[w] = eid + 1
+        assert idx.block_counts() == {k: len(v) for k, v in sorted(model.items())}
+        assert idx.num_blocks == len(set().union(*model.values()))
+        probe = rng.choice(pool)
+        assert idx.holders(probe) == sorted(k for k, v in model.items() if probe in v)
+        assert idx.find_matches([probe]) == {k: 1 for k, v in model.items() if probe in v}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -27,12 +28,18 @@ def prompt(seed: int, blocks: int = 8, prefix: list[int] | None = None) -> list[
 class Cluster:
     """A router plus the bookkeeping of what each worker has emitted, to feed it events."""
 
-    def __init__(self, workers: int = 3, clock: ManualClock | None = None, **config: object):
+    def __init__(
+        self,
+        workers: int = 3,
+        clock: ManualClock | None = None,
+        add_reversed: bool = False,
+        **config: object,
+    ):
         self.clock = clock or ManualClock()
         self.router = Router(RouterConfig(**config), self.clock)  # type: ignore[arg-type]
         self.next_event = {f"w{i}": 1 for i in range(workers)}
         self.cached: dict[str, list[int]] = {w: [] for w in self.next_event}
-        for w in self.next_event:
+        for w in sorted(self.next_event, reverse=add_reversed):
             self.router.add_worker(w, INFO)
 
     def store(self, worker: str, hashes: list[int]) -> KVEventBatch:
@@ -92,7 +99,11 @@ def test_pending_hashes_are_confirmed_by_events() -> None:
     w = c.route("r1", tokens).worker_id
     d = c.route("r2", tokens)
     assert d.worker_id == w and d.overlap_blocks == 4 and d.cached_blocks == 0
-    c.store(w, hashes)
+    assert c.router.worker_load(w).queued_prefill_tokens == 4 * BS  # r1's; r2 rides on it
+    c.store(w, hashes[:3])
+    # Stored blocks are computed: they no longer count as queued prefill.
+    assert c.router.worker_load(w).queued_prefill_tokens == BS
+    c.store(w, hashes[3:])
     d = c.route("r3", tokens)
     assert d.worker_id == w and d.overlap_blocks == d.cached_blocks == 4
     assert c.router.stats().pending_requests == 3
@@ -143,7 +154,7 @@ def test_load_reports_steer_and_replace_pending_load() -> None:
     # Two reports later the router trusts w1's reports to include r1.
     c.router.on_load(LoadReport(worker_id="w1", running=1, kv_blocks_used=8))
     c.router.on_load(LoadReport(worker_id="w1", running=1, kv_blocks_used=8))
-    load = c.router._load("w1", 0, 0)  # the pending part is gone, the report remains
+    load = c.router.worker_load("w1")  # the pending part is gone, the report remains
     assert (load.num_requests, load.active_blocks, load.queued_prefill_tokens) == (1, 8, 0)
 
 
@@ -231,6 +242,13 @@ def test_candidates_restrict_the_choice_and_no_worker_raises() -> None:
         Router(RouterConfig(), ManualClock()).route("r", [], 0)
 
 
+def test_hashes_of_another_block_size_are_refused() -> None:
+    c = Cluster(workers=1)
+    tokens = prompt(1, blocks=4)
+    with pytest.raises(ValueError, match="block_size 16"):
+        c.router.route("r", block_hashes(tokens, 8), len(tokens))
+
+
 def test_block_size_comes_from_workers_and_must_agree() -> None:
     r = Router(RouterConfig(), ManualClock())
     assert r.block_size is None
@@ -282,8 +300,8 @@ def test_round_robin_random_and_least_loaded() -> None:
 
 
 def test_two_routers_fed_the_same_inputs_decide_the_same() -> None:
-    def run(seed: int) -> list[str]:
-        c = Cluster(workers=4, seed=seed, temperature=0.5)
+    def run(seed: int, add_reversed: bool = False) -> list[str]:
+        c = Cluster(workers=4, seed=seed, temperature=0.5, add_reversed=add_reversed)
         out = []
         for i in range(60):
             if i % 7 == 0:
@@ -300,6 +318,8 @@ def test_two_routers_fed_the_same_inputs_decide_the_same() -> None:
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+    # Nor does the order in which discovery announced the workers matter.
+    assert run(3) == run(3, add_reversed=True)
 
 
 def test_stats_count_decisions_hits_and_events() -> None:
@@ -313,3 +333,46 @@ def test_stats_count_decisions_hits_and_events() -> None:
     assert s.predicted_hit_blocks == 4 and s.routed_prompt_blocks == 8
     assert s.events_applied == 1 and s.index_blocks == 4
     assert s.index_blocks_per_worker == {"w0": 4, "w1": 0}
+
+
+def test_kv_policy_beats_round_robin_on_shared_prefixes_and_still_spreads() -> None:
+    """A small closed loop: each routed prompt gets cached on its worker (its KV events come
+    back), running requests grow their own blocks and workers report their load; kv routing
+    should compute far fewer blocks than round robin (which computes every document on every
+    worker) while still using every worker."""
+
+    def run(policy: str) -> tuple[int, dict[str, int]]:
+        c = Cluster(workers=4, policy=policy, seed=1)
+        rng = random.Random(2)
+        docs = [prompt(500 + i, blocks=16) for i in range(8)]
+        running: dict[str, list[tuple[str, int]]] = {w: [] for w in c.next_event}
+        for i in range(200):
+            doc = rng.randrange(len(docs))
+            tokens = docs[doc] + prompt(10_000 + i, blocks=1)
+            d = c.route(f"r{i}", tokens)
+            cached = set(c.cached[d.worker_id])
+            new = [h for h in block_hashes(tokens, BS) if h not in cached]
+            if new:
+                c.store(d.worker_id, new)
+            c.router.on_first_token(f"r{i}")
+            running[d.worker_id].append((f"r{i}", doc))
+            if len(running[d.worker_id]) > 6:
+                c.router.on_request_finished(running[d.worker_id].pop(0)[0])
+            if i % 4 == 3:
+                for w, reqs in running.items():
+                    # Each running request decodes into 24 blocks of its own; documents are
+                    # shared by the requests using them.
+                    used = 24 * len(reqs) + 16 * len({doc for _, doc in reqs})
+                    c.router.on_load(
+                        LoadReport(worker_id=w, running=len(reqs), kv_blocks_used=used)
+                    )
+        s = c.router.stats()
+        return s.routed_prompt_blocks - s.predicted_hit_blocks, s.decisions
+
+    kv_computed, kv_decisions = run("kv")
+    rr_computed, _ = run("round_robin")
+    # Round robin: 8 documents x 4 workers x 16 blocks, plus a new block per request.
+    assert rr_computed == 8 * 4 * 16 + 200
+    # kv computes each document on about two workers, not four (seen: 240 blocks vs 512).
+    assert kv_computed - 200 < 0.6 * (rr_computed - 200)
+    assert len(kv_decisions) == 4 and min(kv_decisions.values()) >= 20

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 
 from tokenfab.protocol import (
     AllBlocksCleared,
@@ -35,6 +36,9 @@ FIRST_EVENT_ID = 1
 worker whose first event the index sees has a larger id joined before the router (or its first
 events were lost) and must be re-synced from a snapshot."""
 
+_BULK = 4
+"""Runs of at least this many hashes take the C-level path in `_store`/`_remove`."""
+
 DEFAULT_RESYNC_BUFFER = 16_384
 """Events kept per worker while it waits for a snapshot; older ones are dropped (the replay
 then finds a gap and asks for another snapshot rather than apply an incomplete stream)."""
@@ -44,12 +48,12 @@ then finds a gap and asks for another snapshot rather than apply an incomplete s
 class _WorkerState:
     bit: int
     """The worker's one-bit mask (1 << slot)."""
-    blocks: set[int] = field(default_factory=set)
-    """Hashes this worker holds: makes clearing, removal and snapshots O(worker's blocks)."""
+    num_blocks: int = 0
     last_event_id: int = FIRST_EVENT_ID - 1
     resync: bool = False
     buffer: deque[KVEvent] = field(default_factory=deque)
-    """Events received while waiting for a snapshot, replayed after it."""
+    """Events received while waiting for a snapshot, replayed after it (bounded: the oldest
+    go first)."""
 
 
 class KVIndex:
@@ -121,10 +125,10 @@ class KVIndex:
 
     def num_worker_blocks(self, worker_id: str) -> int:
         state = self._workers.get(worker_id)
-        return len(state.blocks) if state is not None else 0
+        return state.num_blocks if state is not None else 0
 
     def block_counts(self) -> dict[str, int]:
-        return {w: len(s.blocks) for w, s in sorted(self._workers.items())}
+        return {w: s.num_blocks for w, s in sorted(self._workers.items())}
 
     def holders(self, block_hash: int) -> list[str]:
         """Workers holding one block (for tests and debugging; `find_matches` is the fast path)."""
@@ -138,7 +142,7 @@ class KVIndex:
         worker was already waiting for a snapshot."""
         state = self._state(batch.worker_id)
         if state.resync:
-            self._buffer(state, batch.events)
+            state.buffer.extend(batch.events)
             return False
         return self._apply_events(state, batch.events)
 
@@ -156,12 +160,11 @@ class KVIndex:
         state.last_event_id = snap.last_event_id
         state.resync = False
         self.snapshots_loaded += 1
-        buffered, state.buffer = state.buffer, deque()
+        buffered, state.buffer = state.buffer, deque(maxlen=self._resync_buffer)
         return self._apply_events(state, buffered)
 
     def _apply_events(self, state: _WorkerState, events: Iterable[KVEvent]) -> bool:
-        last = state.last_event_id
-        applied = 0
+        first = last = state.last_event_id
         it = iter(events)
         for event in it:
             event_id = event.event_id
@@ -172,11 +175,10 @@ class KVIndex:
                 state.resync = True
                 self.gaps += 1
                 state.buffer.clear()
-                self._buffer(state, (event,))
-                self._buffer(state, it)
+                state.buffer.append(event)
+                state.buffer.extend(it)
                 break
             last = event_id
-            applied += 1
             # Exact type checks: the union's members are final structs, and `is` is the
             # cheapest dispatch on this hot path.
             kind = type(event)
@@ -187,49 +189,78 @@ class KVIndex:
             elif kind is AllBlocksCleared:
                 self._drop_all(state)
         state.last_event_id = last
-        self.events_applied += applied
+        self.events_applied += last - first  # ids are contiguous
         return not state.resync
-
-    def _buffer(self, state: _WorkerState, events: Iterable[KVEvent]) -> None:
-        state.buffer.extend(events)
-        while len(state.buffer) > self._resync_buffer:
-            state.buffer.popleft()
 
     # ------------------------------------------------------------------ block sets
 
+    # Hot path. Runs of `_BULK` or more hashes do their per-hash work inside C-level builtins
+    # (map over dict methods, list.count), with a Python loop only for hashes other workers
+    # also hold; shorter runs (a decoding sequence filled one block) take a plain loop, cheaper
+    # than building lists. Together ~1.4x the event rate of plain loops, and ~2x that of also
+    # keeping a set of hashes per worker (benchmarks/router_index.py).
+
     def _store(self, state: _WorkerState, hashes: Sequence[int]) -> None:
         holders = self._holders
-        get = holders.get
         bit = state.bit
-        for h in hashes:
-            holders[h] = get(h, 0) | bit
-        state.blocks.update(hashes)
+        before = len(holders)
+        added = 0
+        # setdefault inserts a new hash with this worker's bit, or returns the existing mask.
+        if len(hashes) < _BULK:
+            for h in hashes:
+                mask = holders.setdefault(h, bit)
+                if mask != bit:
+                    added += not mask & bit
+                    holders[h] = mask | bit
+        else:
+            masks = list(map(holders.setdefault, hashes, repeat(bit)))
+            if masks.count(bit) != len(masks):
+                for h, mask in zip(hashes, masks, strict=True):
+                    if mask != bit:
+                        mask = holders[h]  # again: the run may hold this hash twice
+                        added += not mask & bit
+                        holders[h] = mask | bit
+        state.num_blocks += added + len(holders) - before
 
     def _remove(self, state: _WorkerState, hashes: Sequence[int]) -> None:
         holders = self._holders
-        get = holders.get
-        keep = ~state.bit
-        for h in hashes:
-            mask = get(h)
-            if mask is None:
-                continue
-            mask &= keep
-            if mask:
-                holders[h] = mask
-            else:
-                del holders[h]
-        state.blocks.difference_update(hashes)
+        bit = state.bit
+        if len(hashes) < _BULK:
+            masks = [holders.pop(h, 0) for h in hashes]
+        else:
+            masks = list(map(holders.pop, hashes, repeat(0)))
+            if masks.count(bit) == len(masks):
+                state.num_blocks -= len(masks)  # all were this worker's alone
+                return
+        keep = ~bit
+        removed = 0
+        for h, mask in zip(hashes, masks, strict=True):
+            if mask != bit:
+                rest = mask & keep
+                if rest:
+                    holders[h] = rest  # others still hold it
+                if not mask & bit:
+                    continue
+            removed += 1
+        state.num_blocks -= removed
 
     def _drop_all(self, state: _WorkerState) -> None:
+        """Remove the worker from every entry: a scan of the whole map (~50 ms per million
+        hashes here), paid only on AllBlocksCleared, worker removal and snapshots, so that the
+        hot path keeps no per-worker set."""
+        if not state.num_blocks:
+            return
         holders = self._holders
-        keep = ~state.bit
-        for h in state.blocks:
-            mask = holders[h] & keep
-            if mask:
-                holders[h] = mask
-            else:
-                del holders[h]
-        state.blocks = set()
+        bit = state.bit
+        mine = list(compress(holders, map(bit.__and__, holders.values())))
+        masks = list(map(holders.pop, mine))
+        if masks.count(bit) != len(masks):
+            keep = ~bit
+            for h, mask in zip(mine, masks, strict=True):
+                rest = mask & keep
+                if rest:
+                    holders[h] = rest
+        state.num_blocks = 0
 
     # ------------------------------------------------------------------ matching
 
@@ -242,14 +273,14 @@ class KVIndex:
         if not hashes:
             return {}
         holders = self._holders
+        mask_of: Callable[[int], int | None] = holders.get  # the bound method: no extra call
         if overlay:
             extra = overlay.get
 
-            def mask_of(h: int) -> int:
+            def with_overlay(h: int) -> int | None:
                 return holders.get(h, 0) | extra(h, 0)
 
-        else:
-            mask_of = holders.get  # type: ignore[assignment]
+            mask_of = with_overlay
 
         current = mask_of(hashes[0]) or 0
         if not current:
@@ -288,7 +319,9 @@ class KVIndex:
                 slot = len(self._slot_owner)
                 self._slot_owner.append(worker_id)
             state = self._workers[worker_id] = _WorkerState(
-                bit=1 << slot, last_event_id=self._first_event_id - 1
+                bit=1 << slot,
+                last_event_id=self._first_event_id - 1,
+                buffer=deque(maxlen=self._resync_buffer),
             )
         return state
 

@@ -11,7 +11,8 @@ of one new prefix would scatter over every worker. So a routed request is *pendi
 worker: its new blocks' hashes count as present there (for later routes' overlap), its
 uncached prompt tokens as queued prefill, its new blocks as active. They go away:
 - hashes: when that worker's KV events store them, or at `pending_ttl_s` (aborted requests);
-- prefill tokens: at the first token, or once the worker's reports must include the request;
+- prefill tokens: a block's worth as each hash is stored (computed), all at the first token,
+  or once the worker's reports must include the request;
 - active blocks: when the request finishes, or once the worker's reports must include it.
 "The worker's reports must include it" = a second load report from that worker arrived after the
 route: the first may have been sent before the request got there, the second cannot have been
@@ -233,6 +234,7 @@ class Router:
     def on_load(self, report: LoadReport) -> None:
         """Take a worker's load report. If the previous report announced KV events the index
         still has not seen, they were lost: the worker is marked as needing a resync."""
+        self.expire_pending()
         view = self._workers.get(report.worker_id)
         if view is None:
             return
@@ -285,6 +287,11 @@ class Router:
         names = self._candidates(candidates)
         block_size = self.block_size
         assert block_size is not None  # there is a worker, so its info gave one
+        if len(hashes) * block_size > num_prompt_tokens:
+            raise ValueError(
+                f"{len(hashes)} block hashes cover more than the prompt's {num_prompt_tokens} "
+                f"tokens: were they computed with block_size {block_size}?"
+            )
         cached = self._index.find_matches(hashes)
         matched = self._index.find_matches(hashes, self._overlay) if self._overlay else cached
 
@@ -365,6 +372,11 @@ class Router:
                 f"none of the candidate workers {sorted(candidates)} is registered with the router"
             )
         return names
+
+    def worker_load(self, worker_id: str) -> WorkerLoad:
+        """What the router counts as the worker's load now (last report plus pending routes),
+        for metrics and debugging. Raises KeyError for an unknown worker."""
+        return self._load(worker_id, 0, 0)
 
     def _load(self, worker_id: str, matched: int, cached: int) -> WorkerLoad:
         view = self._workers[worker_id]
