@@ -51,3 +51,5 @@ class ServerConfig:
     router_temperature: float = 0.0
     """0: always the cheapest worker; > 0: softmax sampling over costs."""
     router_seed: int = 0
+    external_router: bool = False
+    """Ask a standalone `tokenfab router` on the runtime (routing here when none answers)."""

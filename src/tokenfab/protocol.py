@@ -249,6 +249,23 @@ class KVSnapshot(msgspec.Struct, kw_only=True):
     block_hashes: list[int]
 
 
+class RouteRequest(msgspec.Struct, kw_only=True):
+    """Ask a standalone router (`tokenfab router`, its `route` endpoint) where a request goes."""
+
+    request_id: str
+    block_hashes: list[int]
+    """The prompt's chained block hashes (tokenfab.kv.hashing), as the engines compute them."""
+    num_prompt_tokens: int
+    exclude: list[str] = []
+    """Workers not to choose (they failed this request already)."""
+
+
+class RouteResponse(msgspec.Struct, kw_only=True):
+    worker_id: str
+    overlap_blocks: int
+    predicted_hit_tokens: int
+
+
 class SnapshotRequest(msgspec.Struct, kw_only=True):
     """Ask a worker for its KVSnapshot (its `kv_snapshot` endpoint)."""
 
@@ -259,6 +276,7 @@ class StatsRequest(msgspec.Struct, kw_only=True):
 
 # Well-known names on the runtime (discovery component and event topics).
 WORKER_COMPONENT = "worker"
+ROUTER_COMPONENT = "router"
 KV_EVENTS_TOPIC = "kv_events"
 """KVEventBatch messages from every worker."""
 LOAD_TOPIC = "load"

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import msgspec
 
@@ -23,12 +23,15 @@ from tokenfab.kv.hashing import block_hashes, request_extra_keys
 from tokenfab.protocol import (
     KV_EVENTS_TOPIC,
     LOAD_TOPIC,
+    ROUTER_COMPONENT,
     WORKER_COMPONENT,
     GenerateOutput,
     GenerateRequest,
     KVEventBatch,
     KVSnapshot,
     LoadReport,
+    RouteRequest,
+    RouteResponse,
     SnapshotRequest,
     StatsRequest,
     WorkerInfo,
@@ -43,8 +46,6 @@ from tokenfab.runtime import (
 )
 
 log = logging.getLogger(__name__)
-
-RouteListener = Callable[[GenerateRequest, RouteDecision], None]
 
 
 def worker_info(instance: InstanceInfo) -> WorkerInfo | None:
@@ -65,7 +66,10 @@ class WorkerPool:
         runtime: Runtime,
         router: RouterConfig | None = None,
         clock: Clock | None = None,
+        external_router: bool = False,
     ) -> None:
+        """`external_router`: ask a `tokenfab router` on the runtime instead of the embedded
+        router (which still routes when none answers)."""
         self.runtime = runtime
         self.clock = clock or MonotonicClock()
         self.router = Router(router or RouterConfig(), self.clock)
@@ -77,8 +81,8 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._resyncing: dict[str, list[KVEventBatch]] = {}
         """Workers whose snapshot is on its way, with the event batches that arrived since."""
-        self.listeners: list[RouteListener] = []
-        """Called with each routing decision (metrics)."""
+        self.external_router = external_router
+        self._warned_no_router = False
         self.event_lag_s: list[float] = []
         """Recent delays from a worker publishing KV events to the router applying them."""
         self.predicted_hit_tokens = 0
@@ -215,30 +219,61 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ requests
 
-    def route(self, request: GenerateRequest, exclude: Sequence[str] = ()) -> RouteDecision:
-        """The router's choice for `request` among the live workers (minus `exclude`)."""
+    def hashes(self, request: GenerateRequest) -> list[int]:
+        """The prompt's block hashes, computed as the engines compute them."""
+        info = self.first_info
+        if info is None:
+            raise InstanceUnavailable("no worker is available")
+        keys = request_extra_keys(request.lora_name, request.cache_salt)
+        return block_hashes(request.prompt_token_ids, info.block_size, keys)
+
+    def route_hashes(
+        self, request_id: str, hashes: list[int], num_tokens: int, exclude: Sequence[str] = ()
+    ) -> RouteDecision:
+        """The router's choice among the live workers (minus `exclude`)."""
         candidates = [w for w in sorted(self._workers) if w not in exclude]
         if not candidates:
             raise InstanceUnavailable("no worker is available")
-        info = self.infos[candidates[0]]
-        keys = request_extra_keys(request.lora_name, request.cache_salt)
-        hashes = block_hashes(request.prompt_token_ids, info.block_size, keys)
         try:
-            decision = self.router.route(
-                request.request_id, hashes, len(request.prompt_token_ids), candidates
-            )
+            decision = self.router.route(request_id, hashes, num_tokens, candidates)
         except NoWorkerError as e:
             raise InstanceUnavailable(str(e)) from None
         self.predicted_hit_tokens += decision.predicted_hit_tokens
-        for listener in self.listeners:
-            listener(request, decision)
         return decision
+
+    async def _route(self, request: GenerateRequest, exclude: Sequence[str]) -> str:
+        rid, hashes, n = request.request_id, self.hashes(request), len(request.prompt_token_ids)
+        if self.external_router:
+            ask = RouteRequest(
+                request_id=rid, block_hashes=hashes, num_prompt_tokens=n, exclude=list(exclude)
+            )
+            remote = await self._route_remote(ask)
+            if remote is not None and remote.worker_id in self._workers:
+                self.predicted_hit_tokens += remote.predicted_hit_tokens
+                return remote.worker_id
+        return self.route_hashes(rid, hashes, n, exclude).worker_id
+
+    async def _route_remote(
+        self, request: RouteRequest, timeout: float = 5.0
+    ) -> RouteResponse | None:
+        """Ask a standalone router; None (route here) when none answers."""
+        routers = sorted(i.instance_id for i in await self.runtime.instances(ROUTER_COMPONENT))
+        for router_id in routers:
+            try:
+                stream = await self.runtime.call(router_id, "route", request, RouteResponse)
+                async with stream:
+                    return await asyncio.wait_for(anext(stream), timeout)
+            except Exception as e:  # that router is gone or failed: try the next one
+                log.warning("router %s did not answer: %r", router_id, e)
+        if routers or not self._warned_no_router:
+            log.warning("no standalone router answered; routing in the frontend")
+            self._warned_no_router = True
+        return None
 
     async def generate(
         self, request: GenerateRequest, exclude: Sequence[str] = ()
     ) -> ResponseStream[GenerateOutput]:
-        decision = self.route(request, exclude)
-        wid, rid = decision.worker_id, request.request_id
+        wid, rid = await self._route(request, exclude), request.request_id
         try:
             stream = await self.runtime.call(wid, "generate", request, GenerateOutput)
         except BaseException:

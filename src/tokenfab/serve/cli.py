@@ -201,6 +201,11 @@ def register(app: typer.Typer) -> None:
         router_temperature: float = typer.Option(
             0.0, help="kv router: 0 picks the cheapest worker; > 0 samples (softmax of costs)."
         ),
+        external_router: bool = typer.Option(
+            False,
+            "--external-router",
+            help="Ask a `tokenfab router` on the runtime (route here when none answers).",
+        ),
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Serve the OpenAI API for the workers registered on a shared runtime."""
@@ -213,8 +218,41 @@ def register(app: typer.Typer) -> None:
             port=port,
             api_key=api_key or None,
             served_model_name=served_model_name,
+            external_router=external_router,
             **_router_options(router, overlap_weight, router_temperature),
         )
         _run(
             run_frontend(server, runtime, namespace, tokenizer, wait, log_level.lower()), host, port
         )
+
+    @app.command("router")
+    def router(
+        runtime: str = typer.Option(..., "--runtime", help=RUNTIME_HELP),
+        namespace: str = typer.Option("default", help="Runtime namespace (one deployment)."),
+        router_id: str = typer.Option(None, help="Instance id (default: router-<random>)."),
+        policy: str = typer.Option("kv", "--policy", help=ROUTER_HELP),
+        overlap_weight: float = typer.Option(
+            1.0, help="kv: weight of uncached prompt blocks against active blocks."
+        ),
+        temperature: float = typer.Option(
+            0.0, help="kv: 0 picks the cheapest worker; > 0 samples (softmax of costs)."
+        ),
+        seed: int = typer.Option(
+            0, help="Tie-break and sampling seed (equal seeds: routers agree)."
+        ),
+        log_level: str = typer.Option("info", help="debug | info | warning | error."),
+    ) -> None:
+        """Run the KV-aware router standalone: it follows the workers' KV events and load on
+        the runtime and answers frontends started with --external-router."""
+        from tokenfab.router.router import RouterConfig
+        from tokenfab.serve.router_service import run_router
+
+        opts = _router_options(policy, overlap_weight, temperature)
+        config = RouterConfig(
+            policy=opts["router_policy"],
+            overlap_weight=overlap_weight,
+            temperature=temperature,
+            seed=seed,
+        )
+        _logging(log_level)
+        _run(run_router(runtime, namespace, config, router_id))

@@ -173,7 +173,7 @@ async def build_remote_frontend(
     runtime: Runtime, server: ServerConfig, tokenizer: str | None, wait_s: float
 ) -> tuple[Any, WorkerPool]:
     """A frontend for the workers found on a shared runtime (waits for the first one)."""
-    pool = WorkerPool(runtime, router_config(server))
+    pool = WorkerPool(runtime, router_config(server), external_router=server.external_router)
     await pool.start()
     if not pool.workers:
         log.info("waiting up to %.0fs for a worker to register...", wait_s)
