@@ -29,6 +29,8 @@ class EngineConfig:
     """Requests queued beyond this are refused (the frontend answers 503)."""
     num_threads: int | None = None
     seed: int = 0
+    warm_up: bool = True
+    """AsyncEngine runs one short request before serving (see LLMEngine.warm_up)."""
 
 
 @dataclass

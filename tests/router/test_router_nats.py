@@ -125,7 +125,14 @@ def test_repeated_prefix_goes_to_the_worker_that_cached_it(cluster: dict) -> Non
         - before.get(("tokenfab_router_decisions_total", (("worker", w),)), 0)
         for w in WORKERS
     }
-    assert moved[holder] == 4, moved
+    assert moved[holder] == 4, (
+        moved,
+        {
+            k: v
+            for k, v in after.items()
+            if "router" in k[0] or "kv_blocks" in k[0] or "waiting" in k[0] or "running" in k[0]
+        },
+    )
     # The engine confirms it: each of the 4 prompts found the 20 shared blocks cached.
     hit = ("tokenfab_router_prefix_hit_tokens_total", (("kind", "actual"),))
     assert after[hit] - before[hit] >= 4 * 20 * 16

@@ -68,7 +68,11 @@ async def test_registers_serves_and_publishes(setup) -> None:
     load = await rt.subscribe(LOAD_TOPIC, LoadReport)
     (info,) = await rt.instances(WORKER_COMPONENT)
     assert info.instance_id == "w0" and info.metadata["role"] == "aggregated"
-    assert info.metadata["max_model_len"] == 256 and set(info.endpoints) == {"generate", "stats", "kv_snapshot"}
+    assert info.metadata["max_model_len"] == 256 and set(info.endpoints) == {
+        "generate",
+        "stats",
+        "kv_snapshot",
+    }
 
     outs = [o async for o in await rt.call("w0", "generate", _req("r1", 6), GenerateOutput)]
     assert sum(len(o.token_ids) for o in outs) == 6

@@ -252,6 +252,14 @@ class KVCacheManager:
         if self.event_sink is not None:
             self._pending.append(event)
 
+    def restart_events(self) -> None:
+        """Number events from 1 again, as a new engine does: only with an empty cache, whose
+        state then matches a router's view of a fresh engine."""
+        if self._cached:
+            raise RuntimeError("restart_events needs an empty prefix cache")
+        self._next_event_id = 0
+        self._pending = []
+
     @property
     def last_event_id(self) -> int:
         """Id of the newest event emitted (0: none yet), flushed or not."""
