@@ -114,13 +114,13 @@ def aiperf_level(url: str, model: Path, c: int, args: argparse.Namespace, logs: 
         "--warmup-request-count", str(min(c, 4)), "--random-seed", str(args.seed),
         "--ui-type", "none", "--artifact-dir", str(out_dir),
     ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    found = sorted(out_dir.rglob("profile_export_aiperf.json"))
-    if r.returncode != 0 or not found:
+    # Not HF_HUB_OFFLINE: aiperf 0.13's offline loader refuses a local tokenizer folder.
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    export = out_dir / "profile_export_aiperf.json"
+    if r.returncode != 0 or not export.exists():
         tail = (r.stdout + r.stderr)[-1500:]
         return {"concurrency": c, "error": f"aiperf exit {r.returncode}: {tail}"}
-    doc = json.loads(found[-1].read_text())
+    doc = json.loads(export.read_text())
 
     def stat(metric: str, key: str) -> float | None:
         m = doc.get(metric) or {}

@@ -37,3 +37,15 @@ def test_does_not_compare_unlike_steps() -> None:
         tuner.record(2048 * 0.0005, 2048)  # cheap per token (prefill)
     # The first decode-sized step must not be a probe judged against prefill costs.
     assert tuner.threads_for_next_step(64) == 2
+
+
+def test_contention_that_starts_later_is_noticed_at_once() -> None:
+    """Two threads won on a quiet machine and the tuner backed off its probes; then a busy
+    process takes a core and two threads become 10x slower: one thread is probed again
+    within a few steps, not after the back-off."""
+    tuner = ThreadTuner(max_threads=2)
+    drive(tuner, {1: 0.002, 2: 0.001}, 600)  # quiet: settles on 2, probes rarely
+    assert tuner.current == 2
+    used = drive(tuner, {1: 0.002, 2: 0.02}, 20)  # contended from now on
+    assert tuner.current == 1
+    assert used.index(1) <= 8

@@ -9,6 +9,13 @@ runs one step with another count; a probe that is faster per token than the rece
 the current count (by a margin) becomes the new count. Losing probes back off exponentially,
 so a settled choice costs little. Comparisons are between adjacent steps, whose batches are
 alike.
+
+A settled choice is not trusted for ever: when the steps at the current count get much slower
+than when it was last judged (another process started competing for the cores, e.g. a load
+generator on the same machine), every other count is probed again at once. Without that, a
+choice made on a quiet machine kept two threads for up to 2,048 steps after contention began,
+and two threads fighting a busy client process ran ~20x slower than one (measured: a batch-1
+decode at ~1.6 tokens/s beside aiperf's client).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class ThreadTuner:
     min_interval: int = 32
     max_interval: int = 2048
     margin: float = 0.15
+    slowdown: float = 1.6
+    """Recent steps this much slower than at the last judgement re-open every probe."""
     current: int = field(init=False)
     _recent: deque[tuple[int, float]] = field(init=False)
     """(work, seconds per token) of the latest steps at the current count."""
@@ -47,6 +56,8 @@ class ThreadTuner:
     _step: int = field(init=False, default=0)
     _probing: int | None = field(init=False, default=None)
     _last_work: int = field(init=False, default=0)
+    _reference: tuple[int, float] | None = field(init=False, default=None)
+    """(work, median cost per token) of the current count when it was last judged."""
 
     def __post_init__(self) -> None:
         self.current = self.max_threads
@@ -72,6 +83,7 @@ class ThreadTuner:
         n = self._probing
         if n is None:
             self._recent.append((work, cost))
+            self._watch_for_slowdown(work)
             return
         alike = sorted(self._baseline(work))
         baseline = alike[len(alike) // 2]
@@ -83,9 +95,27 @@ class ThreadTuner:
             self._interval[old] = self.min_interval
             self._next_probe[old] = self._step + self.min_interval
             self._recent.clear()
+            self._reference = None
         else:
             self._interval[n] = min(self._interval[n] * 4, self.max_interval)
             self._next_probe[n] = self._step + self._interval[n]
+            self._reference = (work, baseline)
+
+    def _watch_for_slowdown(self, work: int) -> None:
+        alike = sorted(self._baseline(work))
+        if len(alike) < 4:
+            return
+        median = alike[len(alike) // 2]
+        ref = self._reference
+        if ref is None or not _alike(ref[0], work):
+            self._reference = (work, median)
+            return
+        if median > ref[1] * self.slowdown:
+            # Conditions changed: judge every count again, soon.
+            for n in self._next_probe:
+                self._interval[n] = self.min_interval
+                self._next_probe[n] = self._step + 1
+            self._reference = (work, median)
 
     def _baseline(self, work: int) -> list[float]:
         return [c for w, c in self._recent if _alike(w, work)]
