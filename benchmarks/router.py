@@ -123,7 +123,7 @@ def run_policy(policy: str, model: Path, args: argparse.Namespace, logs: Path) -
     exe = Path(sys.executable).with_name("tokenfab")
     cmd = [str(exe), "serve", "--model", str(model), "--port", str(port), "--workers",
            str(args.workers), "--router", policy, "--max-model-len", str(args.max_model_len),
-           "--dtype", "bfloat16"]  # fmt: skip
+           "--dtype", "bfloat16", "--overlap-weight", str(args.overlap_weight)]  # fmt: skip
     _peers.log(f"{policy}: starting {args.workers} workers ({_peers.machine_load()})")
     import os
 
@@ -180,6 +180,10 @@ def main() -> None:
     ap.add_argument("--max-output-len", type=int, default=32)
     ap.add_argument("--time-scale", type=float, default=1.0, help="0.5 = twice as fast")
     ap.add_argument("--max-in-flight", type=int, default=64)
+    ap.add_argument(
+        "--overlap-weight", type=float, default=1.0,
+        help="kv: weight of uncached prompt blocks against active blocks",
+    )  # fmt: skip
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
