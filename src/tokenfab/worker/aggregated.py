@@ -38,6 +38,9 @@ from tokenfab.protocol import (
 from tokenfab.runtime import Registration, RemoteError, RequestContext, Runtime
 from tokenfab.worker.kv_events import KVEventForwarder
 
+MIN_LOAD_GAP_S = 0.05
+"""Load reports go out at most this often (event-driven ones included)."""
+
 if TYPE_CHECKING:
     from tokenfab.engine.engine import AsyncEngine
 
@@ -70,6 +73,8 @@ class AggregatedWorker:
         self._kv_events = kv_events
         self.role: WorkerRole = role
         self._load_interval = load_interval
+        self._load_changed = asyncio.Event()
+        """Set when a request starts producing or ends: its load report goes out early."""
         self._lease_ttl = lease_ttl
         self._registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -110,10 +115,14 @@ class AggregatedWorker:
         self, request: GenerateRequest, ctx: RequestContext
     ) -> AsyncIterator[GenerateOutput]:
         finished = False
+        first = True
         try:
             async with contextlib.aclosing(self.engine.generate(request)) as outputs:
                 async for out in outputs:
                     finished = out.finish_reason is not None
+                    if first or finished:  # its prefill is done, or its blocks are freed
+                        first = False
+                        self._load_changed.set()
                     yield out
         except InvalidRequestError as e:
             raise RemoteError("invalid_request", str(e)) from None
@@ -160,7 +169,12 @@ class AggregatedWorker:
                 )
             except Exception:
                 log.exception("load report of %s failed", self.worker_id)
-            await asyncio.sleep(self._load_interval)
+            # Every interval, and soon after a request's prefill ends or it finishes: a
+            # router reading a report from before that sees load that is gone.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._load_changed.wait(), self._load_interval)
+            self._load_changed.clear()
+            await asyncio.sleep(min(MIN_LOAD_GAP_S, self._load_interval))
 
     async def close(self) -> None:
         for task in self._tasks:
