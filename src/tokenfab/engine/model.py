@@ -20,6 +20,7 @@ from tokenfab.engine.attention import AttentionMetadata, paged_attention
 
 if TYPE_CHECKING:
     from tokenfab.engine.cpu_kernels import CpuKernels
+    from tokenfab.engine.triton_kernels import TritonKernels
 
 FAMILIES = {
     "llama": "llama",
@@ -261,8 +262,9 @@ class StepInputs:
     cos_table: torch.Tensor
     """Full float32 tables [max_positions, D] (fused path)."""
     sin_table: torch.Tensor
-    kernels: CpuKernels | None
-    """C kernels for decode attention (CPU, any dtype), or None."""
+    kernels: CpuKernels | TritonKernels | None
+    """Decode-attention kernels reading the paged cache in place (C on CPU, Triton on
+    CUDA), or None for the torch path."""
     fused: CpuKernels | None
     """C kernels for the whole layer (CPU bfloat16 only), or None."""
 
@@ -283,6 +285,8 @@ class CausalLM(nn.Module):
         """A pre-packed copy of lm_head for the full-vocabulary matmul (see PackedLinear)."""
         self.kernels: CpuKernels | None = None
         """Set by `build_model` on CPU when the C kernels are available."""
+        self.gpu_kernels: TritonKernels | None = None
+        """Set by `build_model` on CUDA when triton is available (decode attention)."""
 
     def forward(
         self,
@@ -293,6 +297,17 @@ class CausalLM(nn.Module):
         logit_rows: torch.Tensor,
     ) -> torch.Tensor:
         """input_ids/positions [T]; returns float32 logits [len(logit_rows), vocab]."""
+        return self.logits(self.hidden(input_ids, positions, meta, kv_caches)[logit_rows])
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The decoder stack: final hidden states [T, hidden] before the last norm. Free of
+        host synchronisation, so a CUDA graph can capture it for decode steps."""
         x = self.embed(input_ids)
         fused = self.kernels if x.dtype == torch.bfloat16 else None
         step = StepInputs(
@@ -302,12 +317,15 @@ class CausalLM(nn.Module):
             sin=None if fused else self.rope_sin[positions].to(x.dtype)[:, None, :],
             cos_table=self.rope_cos,
             sin_table=self.rope_sin,
-            kernels=self.kernels,
+            kernels=self.kernels or self.gpu_kernels,
             fused=fused,
         )
         for layer, (kc, vc) in zip(self.layers, kv_caches, strict=True):
             x = layer(x, step, kc, vc)
-        x = x[logit_rows]
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final hidden states `x` [N, hidden]."""
         if x.dtype == torch.float32:
             return self.lm_head(self.norm(x))
         return self._refined_logits(x)
@@ -443,6 +461,10 @@ def build_model(
             and cfg.hidden_size <= 8192
         )  # the kernels' fixed per-thread buffers
         model.kernels = cpu_kernels.load() if fits else None
+    if torch.device(device).type == "cuda" and use_kernels:
+        from tokenfab.engine import triton_kernels
+
+        model.gpu_kernels = triton_kernels.load(device)
     del state, converted
     _release_freed_memory()
     return model.eval()
