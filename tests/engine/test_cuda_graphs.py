@@ -37,6 +37,9 @@ def test_graph_replays_equal_eager_steps(tiny_models: dict[str, Path], dtype: st
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (4, 17, 33, 1, 60)]
     tables = [list(range(5 * i, 5 * i + 5)) for i in range(5)]
     used = {b for t in tables for b in t}
+    untouched = [b for b in range(64) if b not in used]
+    sentinel = 7.0  # padding rows (token 0, whose embedding may be zero) must not write here
+    graphed.kv[:, :, untouched] = sentinel
     for runner in (graphed, eager):
         runner.execute(
             StepBatch([SeqChunk(p, 0, t, True) for p, t in zip(prompts, tables, strict=True)])
@@ -51,7 +54,4 @@ def test_graph_replays_equal_eager_steps(tiny_models: dict[str, Path], dtype: st
         assert a.shape == (len(rows) - 1, 512)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert sorted(graphed.graphs.graphs) == [4, 8]
-    pool = graphed.kv[:, :, :64]
-    untouched = [b for b in range(64) if b not in used]
-    assert pool[:, :, untouched].abs().max() == 0  # padding wrote to the scratch block only
-    assert graphed.kv[:, :, 64].abs().max() > 0
+    assert bool((graphed.kv[:, :, untouched] == sentinel).all())  # padding: scratch block only

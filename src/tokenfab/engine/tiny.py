@@ -119,7 +119,7 @@ def make_tiny_model(
     tok = AutoTokenizer.from_pretrained(path)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     bos = tok.convert_tokens_to_ids("<|im_start|>")
-    cfg = _config(family, VOCAB_SIZE, eos, bos, **overrides)
+    cfg = _config(family, overrides.pop("vocab_size", VOCAB_SIZE), eos, bos, **overrides)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
