@@ -17,7 +17,7 @@ export TOKENFAB_CACHE_DIR=/tmp/tokenfab-cache
 timeout 120 python3 -m pytest -q -p no:cacheprovider -k "not cpu" \
     tests/engine/test_triton_kernels.py tests/engine/test_cuda_graphs.py > "$OUT/pytest_kernels.txt" 2>&1
 echo "pytest kernels rc=$?" >> "$OUT/pytest_kernels.txt"
-timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/gpu_engine.py --json-out "$OUT/gpu_engine.json" \
+timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/gpu_engine.py --profile --json-out "$OUT/gpu_engine.json" \
     > "$OUT/gpu_engine.txt" 2>&1
 echo "gpu_engine rc=$?" >> "$OUT/gpu_engine.txt"
 timeout 100 python3 -m pytest -q -p no:cacheprovider -k "not cpu" \

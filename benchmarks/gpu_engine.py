@@ -123,7 +123,12 @@ def sync(device: str) -> None:
 
 
 def run_tokenfab(
-    path: Path, wl: Workload, device: str, dtype: str, prompts: list[list[int]] | None = None
+    path: Path,
+    wl: Workload,
+    device: str,
+    dtype: str,
+    prompts: list[list[int]] | None = None,
+    profile: bool = False,
 ) -> RunResult:
     from tokenfab import LLM, SamplingParams
 
@@ -143,7 +148,9 @@ def run_tokenfab(
     # Warm-up on other prompts (no prefix-cache hits later) of the same batch size: compiles
     # the Triton kernels and captures the CUDA graph of this batch's bucket.
     warm = make_prompts(n, wl.prompt_len, vocab, seed=99)
-    llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.generate(
+        warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False
+    )
     step_times.clear()
     if prompts is None:
         prompts = make_prompts(n, wl.prompt_len, vocab, seed=1)
@@ -160,10 +167,45 @@ def run_tokenfab(
         "runner_seconds": sum(s for s, _ in step_times),
         "decode_steps": len(decode),
         "decode_step_ms_median": 1e3 * decode[len(decode) // 2] if decode else None,
+        "other_step_ms": [round(1e3 * s, 2) for s, is_decode in step_times if not is_decode],
     }
+    if profile:
+        extra["profile"] = _profile_steps(engine, wl, vocab, device)
     del llm, engine
     _free(device)
     return RunResult("tokenfab", dt, sum(map(len, tokens)), tokens, extra)
+
+
+def _profile_steps(engine: Any, wl: Workload, vocab: int, device: str) -> str:
+    """CUDA kernel table of one prefill step (16 prompts) and one decode step of the whole
+    batch, straight through the runner (after the timed run; its blocks are free again)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenfab.engine.runner import SeqChunk, StepBatch
+
+    bs = engine.runner.block_size
+    per_seq = -(-(wl.prompt_len + 1) // bs)
+    n = min(wl.requests, engine.runner.num_blocks // per_seq)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(n)]
+    prompts = make_prompts(n, wl.prompt_len, vocab, seed=5)
+    prefill = StepBatch([SeqChunk(p, 0, t, True) for p, t in zip(prompts, tables, strict=True)])
+    decode = StepBatch([SeqChunk([5], wl.prompt_len, t, True) for t in tables])
+    engine.runner.execute(StepBatch(prefill.chunks[:16]))  # warm (same shapes)
+    engine.runner.execute(prefill)
+    engine.runner.execute(decode)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    text = []
+    for name, batch in (
+        ("prefill of 16 prompts", StepBatch(prefill.chunks[:16])),
+        ("decode", decode),
+    ):
+        with profile(activities=acts) as prof:
+            engine.runner.execute(batch)
+            sync(device)
+        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
+        text.append(f"{name}, batch {len(batch.chunks)}:\n{table}")
+    return "\n".join(text)
 
 
 def _time_runner_steps(engine: Any, device: str) -> list[tuple[float, bool]]:
@@ -215,7 +257,9 @@ def run_vllm(path: Path, wl: Workload, device: str, dtype: str) -> RunResult | N
     llm = LLM(model=str(path), dtype=dtype, max_num_seqs=max(256, wl.requests), seed=0)
     vocab = SHAPES[wl.shape].get("vocab_size", 512)
     warm = [{"prompt_token_ids": p} for p in make_prompts(4, wl.prompt_len, vocab, seed=99)]
-    llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.generate(
+        warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False
+    )
     prompts = make_prompts(wl.requests, wl.prompt_len, vocab, seed=1)
     params = SamplingParams(max_tokens=wl.output_len, temperature=0.0, ignore_eos=True)
     t = time.perf_counter()
@@ -309,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny model and workload (smoke test)")
     ap.add_argument("--only", default="tokenfab,hf,vllm")
     ap.add_argument("--no-equality", action="store_true")
+    ap.add_argument(
+        "--profile", action="store_true", help="kernel tables of one prefill and decode step"
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON report instead of text")
     ap.add_argument("--json-out", type=Path, help="also write the JSON report here, as it grows")
     args = ap.parse_args(argv)
@@ -330,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         for wl in TINY_WORKLOADS if args.tiny else WORKLOADS:
             if wl.shape not in built:
                 built[wl.shape] = build_model(root, wl.shape, device)
-            row = run_workload(built[wl.shape], wl, device, engines)
+            row = run_workload(built[wl.shape], wl, device, engines, args.profile)
             report["workloads"].append(row)
             _print_workload(row, args.json)
             save()
@@ -343,9 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_workload(path: Path, wl: Workload, device: str, engines: list[str]) -> dict[str, Any]:
+def run_workload(
+    path: Path, wl: Workload, device: str, engines: list[str], profile: bool = False
+) -> dict[str, Any]:
     dtype = "float32" if wl.shape == "tiny" else "bfloat16"
-    runs = {"tokenfab": run_tokenfab, "hf": run_hf, "vllm": run_vllm}
+    runs = {
+        "tokenfab": lambda *a: run_tokenfab(*a, profile=profile),
+        "hf": run_hf,
+        "vllm": run_vllm,
+    }
     row: dict[str, Any] = {"shape": wl.shape, "requests": wl.requests, "engines": {}}
     results: dict[str, RunResult] = {}
     for name in engines:
@@ -403,6 +456,11 @@ def _print_workload(row: dict[str, Any], quiet: bool) -> None:
     for k, v in row.items():
         if k.startswith(("tokenfab_over_", "same_outputs_")):
             print(f"  {k} {v}")
+    tf = row["engines"].get("tokenfab")
+    if isinstance(tf, dict):
+        print(f"  tokenfab steps other than decode (ms): {tf.get('other_step_ms')}")
+        if tf.get("profile"):
+            print(tf["profile"])
 
 
 if __name__ == "__main__":

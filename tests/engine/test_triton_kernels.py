@@ -117,3 +117,49 @@ def test_model_decode_with_triton_matches_torch_path(
             steps.append(runner.execute(StepBatch(batch)))
         outs.append(torch.cat(steps).cpu())
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ops_match_the_torch_ops(dtype: torch.dtype) -> None:
+    """add+RMSNorm, RoPE and SiLU*up round as the torch ops of the layer do."""
+    from tokenfab.engine.model import RMSNorm, _rotate
+
+    gen = torch.Generator().manual_seed(11)
+    ops = tk.FusedOps()
+    t, n, heads, hd, inter = 5, 96, 3, 48, 80
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    norm = RMSNorm(n, 1e-5)
+    norm.weight.data = rnd(n)
+    x, delta = rnd(t, n), rnd(t, 2 * n)[:, :n]  # delta: a strided view, like o_proj's rows
+    want_x = x + delta
+    want = norm(want_x)
+    got_x = x.to(DEVICE)
+    got = ops.add_rms_norm(got_x, delta.to(DEVICE), norm.weight.to(DEVICE), 1e-5)
+    # float32: reductions may sum in another order (a few ulps). bfloat16: within one ulp on a
+    # GPU; the CPU interpreter truncates where a GPU rounds to nearest, so a few ulps there. A
+    # wrong formula is far off either way.
+    if dtype == torch.float32:
+        tol = {"atol": 1e-5, "rtol": 1e-5}
+    else:
+        tol = {"atol": 1e-6, "rtol": 2.0**-7 if DEVICE == "cuda" else 2.0**-5}
+    torch.testing.assert_close(got_x.cpu(), want_x, **tol)
+    torch.testing.assert_close(got.cpu(), want, **tol)
+
+    cos = torch.randn(64, hd, generator=gen)
+    sin = torch.randn(64, hd, generator=gen)
+    pos = torch.tensor([0, 3, 63, 7, 7])
+    qkv = rnd(t, 2 * heads * hd)
+    q = qkv[:, : heads * hd].view(t, heads, hd)  # strided rows, as split from the fused qkv
+    want = _rotate(q, cos[pos].to(dtype)[:, None, :], sin[pos].to(dtype)[:, None, :])
+    got = ops.rope(q.to(DEVICE), pos.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE))
+    # A sum of two rounded products: near-cancelling sums carry the terms' absolute error.
+    atol = tol["atol"] if dtype == torch.float32 else 2.0**-6 * float(want.abs().max())
+    torch.testing.assert_close(got.cpu(), want, atol=atol, rtol=tol["rtol"])
+
+    h = rnd(t, 2 * inter)
+    want = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    got = ops.silu_mul(h.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), want, **tol)

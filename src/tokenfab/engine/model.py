@@ -204,6 +204,8 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         if step.fused is not None:
             return self._forward_fused(x, step, step.fused, k_cache, v_cache)
+        if step.gpu is not None:
+            return self._forward_gpu(x, step, step.gpu, k_cache, v_cache)
         t = x.shape[0]
         h = self.input_norm(x)
         q, k, v = self._split_qkv(self.qkv(h), t)
@@ -228,6 +230,26 @@ class DecoderLayer(nn.Module):
             q = self.q_norm(q)
             k = self.k_norm(k)
         return q, k, v
+
+    def _forward_gpu(
+        self,
+        x: torch.Tensor,
+        step: StepInputs,
+        kern: TritonKernels,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """On GPUs: the torch path's math with its elementwise chains fused into Triton
+        kernels (a decode step's time is mostly kernel count); `x` is updated in place."""
+        t = x.shape[0]
+        h = kern.add_rms_norm(x, None, self.input_norm.weight, self.input_norm.eps)
+        q, k, v = self._split_qkv(self.qkv(h), t)
+        q = kern.rope(q, step.positions, step.cos_table, step.sin_table)
+        k = kern.rope(k, step.positions, step.cos_table, step.sin_table)
+        attn = paged_attention(q, k, v, k_cache, v_cache, step.meta, self.scale, self.window, kern)
+        h = kern.add_rms_norm(x, self.o_proj(attn), self.post_norm.weight, self.post_norm.eps)
+        x.add_(self.down(kern.silu_mul(self.gate_up(h))))
+        return x
 
     def _forward_fused(
         self,
@@ -267,6 +289,8 @@ class StepInputs:
     CUDA), or None for the torch path."""
     fused: CpuKernels | None
     """C kernels for the whole layer (CPU bfloat16 only), or None."""
+    gpu: TritonKernels | None = None
+    """Triton kernels for the whole layer (CUDA), or None."""
 
 
 class CausalLM(nn.Module):
@@ -310,15 +334,17 @@ class CausalLM(nn.Module):
         host synchronisation, so a CUDA graph can capture it for decode steps."""
         x = self.embed(input_ids)
         fused = self.kernels if x.dtype == torch.bfloat16 else None
+        tables_only = fused is not None or self.gpu_kernels is not None  # kernels index them
         step = StepInputs(
             positions=positions,
             meta=meta,
-            cos=None if fused else self.rope_cos[positions].to(x.dtype)[:, None, :],
-            sin=None if fused else self.rope_sin[positions].to(x.dtype)[:, None, :],
+            cos=None if tables_only else self.rope_cos[positions].to(x.dtype)[:, None, :],
+            sin=None if tables_only else self.rope_sin[positions].to(x.dtype)[:, None, :],
             cos_table=self.rope_cos,
             sin_table=self.rope_sin,
             kernels=self.kernels or self.gpu_kernels,
             fused=fused,
+            gpu=self.gpu_kernels,
         )
         for layer, (kc, vc) in zip(self.layers, kv_caches, strict=True):
             x = layer(x, step, kc, vc)
