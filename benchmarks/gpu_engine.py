@@ -170,10 +170,31 @@ def run_tokenfab(
         "other_step_ms": [round(1e3 * s, 2) for s, is_decode in step_times if not is_decode],
     }
     if profile:
+        extra["engine_profile"] = _profile_engine(llm, wl, vocab)
         extra["profile"] = _profile_steps(engine, wl, vocab, device)
     del llm, engine
     _free(device)
     return RunResult("tokenfab", dt, sum(map(len, tokens)), tokens, extra)
+
+
+def _profile_engine(llm: Any, wl: Workload, vocab: int) -> str:
+    """Python functions by own time over a short run of the whole batch (16 output tokens):
+    where the engine's time outside the runner goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from tokenfab import SamplingParams
+
+    prompts = make_prompts(wl.requests, wl.prompt_len, vocab, seed=6)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate(prompts, params, use_tqdm=False)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+    return out.getvalue()[-6000:]
 
 
 def _profile_steps(engine: Any, wl: Workload, vocab: int, device: str) -> str:
@@ -460,6 +481,7 @@ def _print_workload(row: dict[str, Any], quiet: bool) -> None:
     if isinstance(tf, dict):
         print(f"  tokenfab steps other than decode (ms): {tf.get('other_step_ms')}")
         if tf.get("profile"):
+            print(tf["engine_profile"])
             print(tf["profile"])
 
 

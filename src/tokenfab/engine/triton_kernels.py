@@ -143,31 +143,33 @@ if triton is not None:
         heads: tl.constexpr,
         head_dim: tl.constexpr,
         half: tl.constexpr,
+        HEADS_P2: tl.constexpr,
         HALF_P2: tl.constexpr,
     ):
-        # x * cos + rotate_half(x) * sin, each product and the sum rounded to the model dtype
-        # as transformers' bf16 ops are (cos/sin cast to the dtype first).
+        # One program per token, all its heads: x * cos + rotate_half(x) * sin, each product
+        # and the sum rounded to the model dtype as transformers' ops are (cos/sin cast to the
+        # dtype first).
         t = tl.program_id(0).to(tl.int64)
-        hd = tl.program_id(1)
-        i = tl.arange(0, HALF_P2)
-        ok = i < half
+        h = tl.arange(0, HEADS_P2)[:, None]
+        i = tl.arange(0, HALF_P2)[None, :]
+        ok = (h < heads) & (i < half)
         dt = out_ptr.dtype.element_ty
-        base = x_ptr + t * x_stride + hd * head_dim
-        x1 = tl.load(base + i, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(base + half + i, mask=ok, other=0.0).to(tl.float32)
+        src = x_ptr + t * x_stride + h * head_dim + i
+        x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + half, mask=ok, other=0.0).to(tl.float32)
         pos = tl.load(pos_ptr + t).to(tl.int64)
-        c1 = tl.load(cos_ptr + pos * head_dim + i, mask=ok, other=0.0).to(dt).to(tl.float32)
-        c2 = tl.load(cos_ptr + pos * head_dim + half + i, mask=ok, other=0.0)
-        s1 = tl.load(sin_ptr + pos * head_dim + i, mask=ok, other=0.0).to(dt).to(tl.float32)
-        s2 = tl.load(sin_ptr + pos * head_dim + half + i, mask=ok, other=0.0)
-        c2 = c2.to(dt).to(tl.float32)
-        s2 = s2.to(dt).to(tl.float32)
+        row = pos * head_dim + tl.arange(0, HALF_P2)
+        rok = tl.arange(0, HALF_P2) < half
+        c1 = tl.load(cos_ptr + row, mask=rok, other=0.0).to(dt).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + row + half, mask=rok, other=0.0).to(dt).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + row, mask=rok, other=0.0).to(dt).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + row + half, mask=rok, other=0.0).to(dt).to(tl.float32)[None, :]
         # rotated = cat(-x2, x1): out1 = x1*c1 + (-x2)*s1, out2 = x2*c2 + x1*s2
         o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
         o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-        obase = out_ptr + (t * heads + hd) * head_dim
-        tl.store(obase + i, o1.to(dt), mask=ok)
-        tl.store(obase + half + i, o2.to(dt), mask=ok)
+        dst = out_ptr + (t * heads + h) * head_dim + i
+        tl.store(dst, o1.to(dt), mask=ok)
+        tl.store(dst + half, o2.to(dt), mask=ok)
 
     @triton.jit
     def _silu_mul_kernel(
@@ -232,7 +234,7 @@ class FusedOps:
         out = torch.empty((t, heads, hd), dtype=x.dtype, device=x.device)
         if t == 0:
             return out
-        _rope_kernel[(t, heads)](
+        _rope_kernel[(t,)](
             x,
             out,
             positions,
@@ -242,6 +244,7 @@ class FusedOps:
             heads=heads,
             head_dim=hd,
             half=hd // 2,
+            HEADS_P2=_next_pow2(heads),
             HALF_P2=_next_pow2(hd // 2),
         )
         return out
