@@ -100,7 +100,7 @@ class TorchRunner:
                 self.model,
                 self.kv_caches,
                 block_size,
-                max_batch=512,
+                max_batch=512,  # larger decode batches (max_num_seqs > 512) run eagerly
                 max_blocks_per_seq=min(num_blocks, -(-cfg.max_position_embeddings // block_size)),
                 scratch_block=num_blocks,
             )
