@@ -1,6 +1,6 @@
 """Greedy outputs equal Hugging Face transformers' `generate`, token for token, for every
 family, with many prompts batched together under chunked prefill; prefix-cache hits and
-preemption change nothing."""
+preemption change nothing. On CPU and (where present) CUDA; transformers runs on CPU."""
 
 from __future__ import annotations
 
@@ -75,15 +75,21 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], tag: str) -> list[li
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_matches_transformers(family: str, tiny_models: dict[str, Path]) -> None:
+def test_greedy_matches_transformers(
+    family: str, tiny_models: dict[str, Path], device: str
+) -> None:
     path = tiny_models[family]
-    loaded = load_model(path, dtype="float32")
+    loaded = load_model(path, dtype="float32", device=device)
     prompts = make_prompts(loaded.config.vocab_size)
     expected = hf_greedy(path, prompts)
 
     # Budget of 24 tokens per step: prompts are split into chunks and mixed with decodes.
     cfg = EngineConfig(
-        model=str(path), dtype="float32", num_kv_blocks=256, max_num_batched_tokens=24
+        model=str(path),
+        dtype="float32",
+        device=device,
+        num_kv_blocks=256,
+        max_num_batched_tokens=24,
     )
     engine = LLMEngine(cfg, loaded=loaded)
     first = run_engine(engine, prompts, "a")
@@ -99,15 +105,16 @@ def test_greedy_matches_transformers(family: str, tiny_models: dict[str, Path]) 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_preemption_changes_no_output(family: str, tiny_models: dict[str, Path]) -> None:
+def test_preemption_changes_no_output(
+    family: str, tiny_models: dict[str, Path], device: str
+) -> None:
     path = tiny_models[family]
-    loaded = load_model(path, dtype="float32")
+    loaded = load_model(path, dtype="float32", device=device)
     prompts = make_prompts(loaded.config.vocab_size, seed=1)
     # Roomy run for reference, then a pool of 16 blocks (256 tokens) that forces preemptions.
-    roomy = run_engine(
-        LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=256), loaded=loaded), prompts, "r"
-    )
-    cfg = EngineConfig(dtype="float32", num_kv_blocks=16, max_num_batched_tokens=64)
+    roomy_cfg = EngineConfig(dtype="float32", device=device, num_kv_blocks=256)
+    roomy = run_engine(LLMEngine(roomy_cfg, loaded=loaded), prompts, "r")
+    cfg = EngineConfig(dtype="float32", device=device, num_kv_blocks=16, max_num_batched_tokens=64)
     tight = LLMEngine(cfg, loaded=loaded)
     assert run_engine(tight, prompts, "t") == roomy
     assert tight.stats().num_preemptions > 0

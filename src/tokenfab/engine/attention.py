@@ -148,7 +148,9 @@ def paged_attention(
         od = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask(window), scale=scale
         )
-        out[:nd] = od.view(nd, num_heads, hd)
+        # reshape, not view: CUDA's SDPA kernels may return [nd, kvh, group, hd] with strides
+        # of another layout (seen for qwen3 and mistral on an H200), which view refuses.
+        out[:nd] = od.reshape(nd, num_heads, hd)
     i = 0
     spans = meta.prefills
     while i < len(spans):

@@ -20,6 +20,7 @@ from tokenfab.engine.attention import AttentionMetadata, paged_attention
 
 if TYPE_CHECKING:
     from tokenfab.engine.cpu_kernels import CpuKernels
+    from tokenfab.engine.triton_kernels import TritonKernels
 
 FAMILIES = {
     "llama": "llama",
@@ -203,6 +204,8 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         if step.fused is not None:
             return self._forward_fused(x, step, step.fused, k_cache, v_cache)
+        if step.gpu is not None:
+            return self._forward_gpu(x, step, step.gpu, k_cache, v_cache)
         t = x.shape[0]
         h = self.input_norm(x)
         q, k, v = self._split_qkv(self.qkv(h), t)
@@ -227,6 +230,26 @@ class DecoderLayer(nn.Module):
             q = self.q_norm(q)
             k = self.k_norm(k)
         return q, k, v
+
+    def _forward_gpu(
+        self,
+        x: torch.Tensor,
+        step: StepInputs,
+        kern: TritonKernels,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """On GPUs: the torch path's math with its elementwise chains fused into Triton
+        kernels (a decode step's time is mostly kernel count); `x` is updated in place."""
+        t = x.shape[0]
+        h = kern.add_rms_norm(x, None, self.input_norm.weight, self.input_norm.eps)
+        q, k, v = self._split_qkv(self.qkv(h), t)
+        q = kern.rope(q, step.positions, step.cos_table, step.sin_table)
+        k = kern.rope(k, step.positions, step.cos_table, step.sin_table)
+        attn = paged_attention(q, k, v, k_cache, v_cache, step.meta, self.scale, self.window, kern)
+        h = kern.add_rms_norm(x, self.o_proj(attn), self.post_norm.weight, self.post_norm.eps)
+        x.add_(self.down(kern.silu_mul(self.gate_up(h))))
+        return x
 
     def _forward_fused(
         self,
@@ -261,10 +284,13 @@ class StepInputs:
     cos_table: torch.Tensor
     """Full float32 tables [max_positions, D] (fused path)."""
     sin_table: torch.Tensor
-    kernels: CpuKernels | None
-    """C kernels for decode attention (CPU, any dtype), or None."""
+    kernels: CpuKernels | TritonKernels | None
+    """Decode-attention kernels reading the paged cache in place (C on CPU, Triton on
+    CUDA), or None for the torch path."""
     fused: CpuKernels | None
     """C kernels for the whole layer (CPU bfloat16 only), or None."""
+    gpu: TritonKernels | None = None
+    """Triton kernels for the whole layer (CUDA), or None."""
 
 
 class CausalLM(nn.Module):
@@ -283,6 +309,8 @@ class CausalLM(nn.Module):
         """A pre-packed copy of lm_head for the full-vocabulary matmul (see PackedLinear)."""
         self.kernels: CpuKernels | None = None
         """Set by `build_model` on CPU when the C kernels are available."""
+        self.gpu_kernels: TritonKernels | None = None
+        """Set by `build_model` on CUDA when triton is available (decode attention)."""
 
     def forward(
         self,
@@ -293,21 +321,37 @@ class CausalLM(nn.Module):
         logit_rows: torch.Tensor,
     ) -> torch.Tensor:
         """input_ids/positions [T]; returns float32 logits [len(logit_rows), vocab]."""
+        return self.logits(self.hidden(input_ids, positions, meta, kv_caches)[logit_rows])
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The decoder stack: final hidden states [T, hidden] before the last norm. Free of
+        host synchronisation, so a CUDA graph can capture it for decode steps."""
         x = self.embed(input_ids)
         fused = self.kernels if x.dtype == torch.bfloat16 else None
+        tables_only = fused is not None or self.gpu_kernels is not None  # kernels index them
         step = StepInputs(
             positions=positions,
             meta=meta,
-            cos=None if fused else self.rope_cos[positions].to(x.dtype)[:, None, :],
-            sin=None if fused else self.rope_sin[positions].to(x.dtype)[:, None, :],
+            cos=None if tables_only else self.rope_cos[positions].to(x.dtype)[:, None, :],
+            sin=None if tables_only else self.rope_sin[positions].to(x.dtype)[:, None, :],
             cos_table=self.rope_cos,
             sin_table=self.rope_sin,
-            kernels=self.kernels,
+            kernels=self.kernels or self.gpu_kernels,
             fused=fused,
+            gpu=self.gpu_kernels,
         )
         for layer, (kc, vc) in zip(self.layers, kv_caches, strict=True):
             x = layer(x, step, kc, vc)
-        x = x[logit_rows]
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final hidden states `x` [N, hidden]."""
         if x.dtype == torch.float32:
             return self.lm_head(self.norm(x))
         return self._refined_logits(x)
@@ -443,6 +487,10 @@ def build_model(
             and cfg.hidden_size <= 8192
         )  # the kernels' fixed per-thread buffers
         model.kernels = cpu_kernels.load() if fits else None
+    if torch.device(device).type == "cuda" and use_kernels:
+        from tokenfab.engine import triton_kernels
+
+        model.gpu_kernels = triton_kernels.load(device)
     del state, converted
     _release_freed_memory()
     return model.eval()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from tokenfab.engine.attention import AttentionMetadata
@@ -69,6 +70,7 @@ class TorchRunner:
         num_blocks: int,
         block_size: int,
         num_threads: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         import torch
 
@@ -85,19 +87,105 @@ class TorchRunner:
         # Zeroed and touched up front: the torch attention path reads masked padding (NaN
         # garbage would poison it), and first-touch page faults inside timed steps cost more
         # (measured ~0.8 ms per layer call in a prefill-heavy run) than ~0.5 s/GiB at startup.
-        self.kv = torch.zeros((cfg.num_layers, 2, *shape), dtype=cfg.dtype, device=self.device)
+        graphs = cuda_graphs and self.device.type == "cuda" and self.model.gpu_kernels is not None
+        # CUDA graphs pad decode batches with rows that write to one extra, scratch block.
+        pool = (num_blocks + 1, *shape[1:]) if graphs else shape
+        self.kv = torch.zeros((cfg.num_layers, 2, *pool), dtype=cfg.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_layers)]
+        self.graphs = None
+        if graphs:
+            from tokenfab.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                block_size,
+                max_batch=512,  # larger decode batches (max_num_seqs > 512) run eagerly
+                max_blocks_per_seq=min(num_blocks, -(-cfg.max_position_embeddings // block_size)),
+                scratch_block=num_blocks,
+            )
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         import torch
 
         with torch.inference_mode():
+            if batch.chunks and all(len(c.token_ids) == 1 for c in batch.chunks):
+                return self._decode(batch)
             inputs = self._prepare(batch)
             if inputs is None:
                 return torch.empty((0, self.config.vocab_size), dtype=torch.float32)
             ids, positions, meta, rows = inputs
             logits = self.model(ids, positions, meta, self.kv_caches, rows)
             return logits.float()
+
+    def _decode(self, batch: StepBatch) -> torch.Tensor:
+        """A step of single-token chunks: inputs built with array operations (no Python per
+        token), then a CUDA graph replay where one fits, else the eager model."""
+        import torch
+
+        from tokenfab.engine.attention import AttentionMetadata
+
+        ids, pos, slots, tables = self._decode_arrays(batch)
+        sample = [i for i, c in enumerate(batch.chunks) if c.sample]
+        if self.graphs is not None and self.graphs.fits(len(ids), tables.shape[1]):
+            hidden = self.graphs.run(ids, pos, slots, tables)
+        else:
+
+            def t(x: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(x).to(self.device)
+
+            meta = AttentionMetadata(
+                slots=t(slots),
+                num_decode=len(ids),
+                decode_block_tables=t(tables),
+                decode_positions=t(pos),
+                prefills=[],
+                block_size=self.block_size,
+            )
+            hidden = self.model.hidden(t(ids), t(pos), meta, self.kv_caches)
+        if len(sample) < len(ids):
+            hidden = hidden[torch.tensor(sample, dtype=torch.long, device=self.device)]
+        return self.model.logits(hidden).float()
+
+    def _decode_arrays(
+        self, batch: StepBatch
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """ids, positions, slots [n] and block tables [n, blocks needed by the longest],
+        int64, of a step of single-token chunks."""
+        import itertools
+
+        import numpy as np
+
+        chunks = batch.chunks
+        n = len(chunks)
+        bs = self.block_size
+        ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, n)
+        pos = np.fromiter((c.start_pos for c in chunks), np.int64, n)
+        lens = np.fromiter((len(c.block_table) for c in chunks), np.int64, n)
+        need = pos // bs + 1
+        short = np.flatnonzero(lens < need)
+        if short.size:
+            i = int(short[0])
+            raise ValueError(
+                f"block_table has {lens[i]} blocks, positions up to {pos[i] + 1} need {need[i]}"
+            )
+        top = int(pos.max())
+        if top >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {top} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        flat = np.fromiter(
+            itertools.chain.from_iterable(c.block_table for c in chunks), np.int64, int(lens.sum())
+        )
+        width = int(need.max())
+        row = np.repeat(np.arange(n), lens)
+        col = np.arange(flat.size) - np.repeat(np.cumsum(lens) - lens, lens)
+        keep = col < width
+        tables = np.zeros((n, width), dtype=np.int64)  # padding: block 0, never read
+        tables[row[keep], col[keep]] = flat[keep]
+        slots = tables[np.arange(n), pos // bs] * bs + pos % bs
+        return ids, pos, slots, tables
 
     def _prepare(
         self, batch: StepBatch
