@@ -226,8 +226,9 @@ class LLMEngine:
         matcher = None
         if p.structured is not None:
             try:
+                grammars = self.grammars
                 with self._grammar_lock:
-                    matcher = self.grammars.matcher(p.structured)
+                    matcher = grammars.matcher(p.structured)
             except GrammarError as e:
                 raise InvalidRequestError(str(e)) from None
         seq = Sequence(

@@ -58,10 +58,8 @@ def grammar_text(so: StructuredOutput) -> str:
                 raise GrammarError("choice must be a non-empty list of strings")
             return llguidance.grammar_from("lark", _choice_lark(choices))
         if so.kind == "grammar":
-            text = so.spec
-            if "::=" in text:  # GBNF / EBNF (vLLM's xgrammar format)
-                text = llguidance.gbnf_to_lark(text)
-            return llguidance.grammar_from("lark", text)
+            # Lark, or GBNF/EBNF (vLLM's xgrammar format), told apart by llguidance.
+            return llguidance.grammar_from("grammar", so.spec)
     except GrammarError:
         raise
     except Exception as e:  # json.JSONDecodeError, llguidance's ValueError, ...
