@@ -14,7 +14,7 @@ import torch
 
 pytestmark = pytest.mark.integration
 
-SERVER_ENGINE = {"dtype": "float32"}
+SERVER_ENGINE = {"dtype": "float32", "max_model_len": 1024, "max_num_batched_tokens": 1024}
 MSG = [{"role": "user", "content": "hello there"}]
 WEATHER = {
     "type": "function",
@@ -179,7 +179,7 @@ def test_named_tool_choice_returns_a_valid_call(
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_tool_choice(client: openai.OpenAI, server, stream: bool) -> None:
     kw = dict(
-        tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, max_tokens=60
+        tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, max_tokens=200
     )
     if not stream:
         r = chat(client, server, temperature=0.7, seed=3, **kw)
@@ -395,7 +395,7 @@ def test_responses_structured_and_tools(client: openai.OpenAI, server) -> None:
         input="weather?",
         tools=[{"type": "function", **WEATHER["function"]}],
         tool_choice="required",
-        max_output_tokens=60,
+        max_output_tokens=200,
     )
     calls = [o for o in r.output if o.type == "function_call"]
     assert calls and calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"]

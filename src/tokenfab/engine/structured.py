@@ -51,7 +51,7 @@ def grammar_text(so: StructuredOutput) -> str:
                 {"type": "object"}, defaults=_JSON_OPTIONS
             )
         if so.kind == "regex":
-            return llguidance.grammar_from("regex", so.spec)
+            return llguidance.grammar_from("regex", ascii_classes(so.spec))
         if so.kind == "choice":
             choices = json.loads(so.spec)
             if not choices or not all(isinstance(c, str) for c in choices):
@@ -65,6 +65,35 @@ def grammar_text(so: StructuredOutput) -> str:
     except Exception as e:  # json.JSONDecodeError, llguidance's ValueError, ...
         raise GrammarError(f"invalid {so.kind} spec: {e}") from None
     raise GrammarError(f"unknown structured output kind {so.kind!r}")
+
+
+_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_", "s": " \\t\\n\\r\\f\\v"}
+
+
+def ascii_classes(regex: str) -> str:
+    """`\\d`, `\\w`, `\\s` as ASCII classes. llguidance's regexes are Unicode-aware, so
+    `\\d{3}` let SmolLM2 write "🯸🯸🯸" (U+1FBF8, a digit); clients mean [0-9], as Python's
+    `re.ASCII` and JavaScript read it."""
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            nxt = regex[i + 1]
+            if nxt in _CLASSES:
+                out.append(_CLASSES[nxt] if in_class else f"[{_CLASSES[nxt]}]")
+            else:
+                out.append(regex[i : i + 2])
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _choice_lark(choices: list[str]) -> str:

@@ -334,8 +334,8 @@ def build_app(state: FrontendState) -> FastAPI:
             reason = deltas[i].finish_reason(out.finish_reason)
             return {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason}
 
-        def sse(c: dict) -> bytes:
-            body = chunk(prep, state.model_name, obj, [c])
+        def sse(c: dict | list[dict]) -> bytes:
+            body = chunk(prep, state.model_name, obj, c if isinstance(c, list) else [c])
             if prep.continuous_usage:
                 body["usage"] = usage(prep, states)
             return _sse(body)
@@ -344,16 +344,11 @@ def build_app(state: FrontendState) -> FastAPI:
 
         async def gen() -> AsyncIterator[bytes]:
             role = {"role": "assistant", "content": ""}
-            yield _sse(
-                chunk(
-                    prep,
-                    state.model_name,
-                    obj,
-                    [
-                        {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
-                        for i in range(len(firsts))
-                    ],
-                )
+            yield sse(
+                [
+                    {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+                    for i in range(len(firsts))
+                ]
             )
             for i, out in enumerate(firsts):
                 c = delta(i, out)
