@@ -81,7 +81,8 @@ async def run_batch(url: str, n: int, max_tokens: int, lengths: list[int] | None
         )
 
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(one(i) for i in range(n)))
+    async with client:
+        results = await asyncio.gather(*(one(i) for i in range(n)))
     wall = time.perf_counter() - t0
     tokens = sum(r[0] for r in results)
     valid = 0
