@@ -10,6 +10,9 @@ constrained/unconstrained is the cost of constrained decoding (goal >= 0.8). Eve
 answer is also checked to parse.
 
     .venv/bin/python benchmarks/structured.py [--json] [--only tokenfab,vllm] [--requests 64]
+
+`--engine` runs the same two batches back to back in this process on tokenfab's `LLM` (no
+HTTP, no server processes): steadier on a shared machine.
 """
 
 from __future__ import annotations
@@ -124,6 +127,42 @@ def run_server(name: str, model: Path, args: argparse.Namespace, logs: Path) -> 
     return out
 
 
+def engine_ratio(args: argparse.Namespace) -> dict:
+    """Both batches through one in-process engine; wall and stepping-thread CPU seconds."""
+    from tokenfab.engine.llm import LLM
+    from tokenfab.protocol import SamplingParams, StructuredOutput
+
+    llm = LLM(args.model, max_model_len=2048, num_kv_blocks=2048)
+    so = StructuredOutput(kind="json", spec=json.dumps(SCHEMA))
+    n = args.requests
+    convs = [[{"role": "user", "content": f"Describe {TOPICS[i % 5]} as JSON."}] for i in range(n)]
+
+    def timed(params: list[SamplingParams]) -> tuple[list, float, float]:
+        t, w = time.thread_time(), time.perf_counter()
+        res = llm.chat(convs, params)
+        return res, time.perf_counter() - w, time.thread_time() - t
+
+    llm.chat(convs[:4], [SamplingParams(max_tokens=16, structured=so)] * 4)  # warm-up
+    res, wall_c, cpu_c = timed(
+        [SamplingParams(max_tokens=args.max_tokens, temperature=0.7, seed=i, structured=so)
+         for i in range(n)]
+    )  # fmt: skip
+    lengths = [len(r.token_ids) for r in res]
+    _, wall_u, cpu_u = timed(
+        [SamplingParams(max_tokens=k, temperature=0.7, seed=i, ignore_eos=True)
+         for i, k in enumerate(lengths)]
+    )  # fmt: skip
+    return {
+        "tokens": sum(lengths),
+        "constrained_wall_s": wall_c,
+        "unconstrained_wall_s": wall_u,
+        "constrained_cpu_s": cpu_c,
+        "unconstrained_cpu_s": cpu_u,
+        "ratio_wall": wall_u / wall_c,
+        "ratio_cpu": cpu_u / cpu_c,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", help="HF folder (default: tokenfab's converted SmolLM2-135M)")
@@ -131,7 +170,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--only", default="tokenfab,vllm", help="comma list of tokenfab,vllm")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--engine", action="store_true", help="in-process engine only (no HTTP)")
     args = ap.parse_args()
+    if args.engine:
+        print(json.dumps(engine_ratio(args), indent=2))
+        return
 
     from tokenfab.engine.loader import resolve_model
 
