@@ -53,5 +53,8 @@ class ServerConfig:
     router_temperature: float = 0.0
     """0: always the cheapest worker; > 0: softmax sampling over costs."""
     router_seed: int = 0
+    default_max_tokens: int | None = 1024
+    """Chat requests without max_tokens generate at most this many (capped by the context's
+    room); None: up to the whole room."""
     external_router: bool = False
     """Ask a standalone `tokenfab router` on the runtime (routing here when none answers)."""

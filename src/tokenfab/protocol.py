@@ -13,6 +13,17 @@ import msgspec
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+class StructuredOutput(msgspec.Struct, kw_only=True, frozen=True):
+    """A constraint on the generated text, enforced token by token (engine/structured.py)."""
+
+    kind: StructuredKind
+    spec: str
+    """json: a JSON schema (as JSON text); json_object: ignored; regex: a regular expression;
+    choice: a JSON list of strings; grammar: Lark or GBNF/EBNF text."""
+
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """How to pick tokens and when to stop. Field names and defaults follow vLLM's, so users
@@ -37,6 +48,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None
     """None: no logprobs; k >= 0: the sampled token's logprob plus the top-k alternatives."""
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = {}
+    """Added to the logits of these token ids before sampling (OpenAI's range: [-100, 100])."""
+    structured: StructuredOutput | None = None
+    prompt_logprobs: int | None = None
+    """None: none; k >= 0: every prompt token's logprob (the first is null) plus top-k."""
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for an API client if any field is out of range."""
@@ -83,7 +99,26 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             "logprobs must be between 0 and 20",
             self.logprobs,
         )
-        _check(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)", self.seed)
+        _check(
+            self.seed is None or -(2**63) <= self.seed < 2**64,
+            "seed must be in [-2**63, 2**64)",
+            self.seed,
+        )
+        _check(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+            "prompt_logprobs must be between 0 and 20",
+            self.prompt_logprobs,
+        )
+        _check(
+            all(_finite(v) and -100.0 <= v <= 100.0 for v in self.logit_bias.values()),
+            "logit_bias values must be in [-100, 100]",
+            self.logit_bias,
+        )
+        _check(
+            all(t >= 0 for t in self.logit_bias),
+            "logit_bias token ids must be non-negative",
+            list(self.logit_bias),
+        )
         _check(
             all(isinstance(s, str) and s for s in self.stop),
             "stop strings must be non-empty",
@@ -147,6 +182,8 @@ class GenerateOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    """Sent once, on the first output, when the request asked for prompt logprobs."""
 
     @property
     def finished(self) -> bool:

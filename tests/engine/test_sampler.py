@@ -108,3 +108,45 @@ def test_logprobs_are_raw_and_top_n_sorted() -> None:
     hot = Sampler()(LOGITS.unsqueeze(0), rows(1, temperature=2.0, logprobs=0))[0]
     assert hot.logprobs is not None and hot.logprobs.top == []
     assert math.isclose(hot.logprobs.logprob, float(raw[hot.token_id]), rel_tol=1e-5)
+
+
+def test_logit_bias_bans_and_forces_tokens() -> None:
+    logits = torch.randn(4, 50)
+    top = logits.argmax(-1).tolist()
+    banned = Sampler()(
+        logits,
+        [SampleRow(SamplingParams(temperature=0.0, logit_bias={t: -100.0}), [], []) for t in top],
+    )
+    assert all(r.token_id != t for r, t in zip(banned, top, strict=True))
+    forced = Sampler(seed=3)(
+        logits, [SampleRow(SamplingParams(temperature=1.0, logit_bias={7: 100.0}), [], [])] * 4
+    )
+    assert [r.token_id for r in forced] == [7] * 4
+
+
+def test_logit_bias_leaves_logprobs_raw() -> None:
+    logits = torch.randn(1, 50)
+    out = Sampler()(
+        logits,
+        [SampleRow(SamplingParams(temperature=0.0, logprobs=0, logit_bias={3: 100.0}), [], [])],
+    )
+    assert out[0].token_id == 3
+    assert math.isclose(
+        out[0].logprobs.logprob, torch.log_softmax(logits[0], -1)[3].item(), rel_tol=1e-5
+    )
+
+
+def test_grammar_bitmask_restricts_rows() -> None:
+    import numpy as np
+
+    logits = torch.randn(3, 70)
+    mask = np.zeros((2, 3), dtype=np.int32)  # 96 bits >= 70 tokens
+    mask[0, 0] = 1 << 5  # row 0 may only pick token 5
+    mask[1, 1] = 1 << 2  # row 2 only token 34
+    rows = [
+        SampleRow(SamplingParams(temperature=1.0), [], [], mask_row=0),
+        SampleRow(SamplingParams(temperature=0.0), [], []),
+        SampleRow(SamplingParams(temperature=0.0), [], [], mask_row=1),
+    ]
+    out = Sampler(seed=4)(logits, rows, mask)
+    assert [r.token_id for r in out] == [5, int(logits[1].argmax()), 34]

@@ -42,7 +42,7 @@ def test_queue_full_gives_503_with_retry_after(server) -> None:
         assert c.status_code == 503
         assert c.headers["retry-after"] == "1"
         err = c.json()["error"]
-        assert err["code"] == "queue_full" and "full" in err["message"]
+        assert err["code"] == 503 and "full" in err["message"]
     # A hung up: B runs and finishes
     b.join(60)
     assert results["b"] == (200, 3)

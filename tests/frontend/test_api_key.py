@@ -16,7 +16,7 @@ def test_missing_or_wrong_key_is_401(server) -> None:
     for headers in [{}, {"Authorization": "Bearer nope"}, {"Authorization": "sekret-key"}]:
         r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
         assert r.status_code == 401
-        assert r.json()["error"]["type"] == "authentication_error"
+        assert r.json()["error"]["type"] == "UnauthorizedError"
     assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()

@@ -157,7 +157,7 @@ def test_context_length_error_has_the_numbers(client: openai.OpenAI, server) -> 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-9", messages=MESSAGES, max_tokens=2)
-    assert err.value.body["code"] == "model_not_found"
+    assert err.value.body["code"] == 404
 
 
 async def test_async_client_chat_and_completions(server) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from tokenfab.frontend.errors import APIError
 from tokenfab.frontend.prompts import Prompts
-from tokenfab.frontend.requests import check_model, prepare_chat, prepare_completion
+from tokenfab.frontend.requests import Limits, check_model, prepare_chat, prepare_completion
 from tokenfab.frontend.schemas import ChatCompletionRequest, CompletionRequest
 
 
@@ -26,7 +26,7 @@ def chat(**kw) -> ChatCompletionRequest:
 
 
 def test_chat_uses_the_template_and_defaults_to_the_rest_of_the_context(prompts: Prompts) -> None:
-    prep = prepare_chat(chat(), prompts, 100)
+    prep = prepare_chat(chat(), prompts, Limits(100))
     text = prep.prompts[0].text
     assert text.startswith("<|im_start|>user\nhi<|im_end|>") and text.endswith("assistant\n")
     (req,) = prep.build()
@@ -36,10 +36,10 @@ def test_chat_uses_the_template_and_defaults_to_the_rest_of_the_context(prompts:
 
 def test_completions_default_to_16_tokens_clamped_to_the_context(prompts: Prompts) -> None:
     body = CompletionRequest.model_validate({"prompt": "Hello world"})
-    (req,) = prepare_completion(body, prompts, 100).build()
+    (req,) = prepare_completion(body, prompts, Limits(100)).build()
     assert req.sampling.max_tokens == 16
     n = len(req.prompt_token_ids)
-    (req,) = prepare_completion(body, prompts, n + 5).build()
+    (req,) = prepare_completion(body, prompts, Limits(n + 5)).build()
     assert req.sampling.max_tokens == 5
 
 
@@ -47,7 +47,7 @@ def test_fan_out_ids_and_seeds(prompts: Prompts) -> None:
     body = CompletionRequest.model_validate(
         {"prompt": ["a", "b"], "n": 3, "seed": 5, "max_tokens": 2}
     )
-    reqs = prepare_completion(body, prompts, 100).build()
+    reqs = prepare_completion(body, prompts, Limits(100)).build()
     assert [r.request_id.rsplit("-", 2)[1:] for r in reqs] == [
         [str(p), str(i)] for p in range(2) for i in range(3)
     ]
@@ -56,17 +56,19 @@ def test_fan_out_ids_and_seeds(prompts: Prompts) -> None:
 
 
 def test_chat_logprobs_and_limits(prompts: Prompts) -> None:
-    prep = prepare_chat(chat(logprobs=True, top_logprobs=3, max_completion_tokens=4), prompts, 100)
+    prep = prepare_chat(
+        chat(logprobs=True, top_logprobs=3, max_completion_tokens=4), prompts, Limits(100)
+    )
     assert prep.logprobs == 3 and prep.build()[0].sampling.max_tokens == 4
     with pytest.raises(APIError) as err:
-        prepare_chat(chat(top_logprobs=3), prompts, 100)
+        prepare_chat(chat(top_logprobs=3), prompts, Limits(100))
     assert err.value.param == "top_logprobs"
     with pytest.raises(APIError) as err:
-        prepare_chat(chat(max_tokens=95), prompts, 100)
+        prepare_chat(chat(max_tokens=95), prompts, Limits(100))
     assert err.value.status == 400 and "100" in err.value.message
     with pytest.raises(APIError):
         prepare_completion(
-            CompletionRequest.model_validate({"prompt": "x", "best_of": 2}), prompts, 100
+            CompletionRequest.model_validate({"prompt": "x", "best_of": 2}), prompts, Limits(100)
         )
 
 
@@ -79,12 +81,41 @@ def test_unknown_model_is_404() -> None:
 
 
 def test_chat_template_kwargs_are_scalars_and_cannot_replace_the_template(prompts: Prompts) -> None:
-    prep = prepare_chat(chat(chat_template_kwargs={"enable_thinking": False}), prompts, 100)
+    prep = prepare_chat(chat(chat_template_kwargs={"enable_thinking": False}), prompts, Limits(100))
     assert prep.prompts[0].token_ids
     for bad in [{"chat_template": "{{ 1 }}"}, {"x": {"y": 1}}, {"tokenize": True}]:
         with pytest.raises(APIError) as err:
-            prepare_chat(chat(chat_template_kwargs=bad), prompts, 100)
+            prepare_chat(chat(chat_template_kwargs=bad), prompts, Limits(100))
         assert err.value.param == "chat_template_kwargs"
     with pytest.raises(APIError) as err:
-        prepare_chat(chat(stop=["x" * 5000]), prompts, 100)
+        prepare_chat(chat(stop=["x" * 5000]), prompts, Limits(100))
     assert err.value.param == "stop"
+
+
+def test_tools_reasoning_and_constraints_are_prepared(prompts: Prompts) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    prep = prepare_chat(chat(tools=[tool], tool_choice="required"), prompts, Limits(2000))
+    assert prep.tools is not None and prep.tools.mode == "required"
+    assert "<tools>" in prep.prompts[0].text  # the tiny template has no tools: Hermes system text
+    (req,) = prep.build()
+    assert req.sampling.structured is not None and req.sampling.structured.kind == "json"
+    with pytest.raises(APIError) as err:
+        prepare_chat(
+            chat(tools=[tool], tool_choice="required", response_format={"type": "json_object"}),
+            prompts,
+            Limits(2000),
+        )
+    assert err.value.param == "tool_choice"
+
+
+def test_default_max_tokens_cap(prompts: Prompts) -> None:
+    (req,) = prepare_chat(chat(), prompts, Limits(5000, default_max_tokens=64)).build()
+    assert req.sampling.max_tokens == 64
+    (req,) = prepare_chat(chat(), prompts, Limits(5000, default_max_tokens=None)).build()
+    assert req.sampling.max_tokens == 5000 - len(req.prompt_token_ids)
+
+
+def test_echo_with_logprobs_scores_the_prompt(prompts: Prompts) -> None:
+    body = CompletionRequest.model_validate({"prompt": "a b", "echo": True, "logprobs": 2})
+    (req,) = prepare_completion(body, prompts, Limits(100)).build()
+    assert req.sampling.prompt_logprobs == 2

@@ -30,9 +30,16 @@ from tokenfab.engine.errors import (
 )
 from tokenfab.engine.kv_cache import EventSink, KVCacheManager
 from tokenfab.engine.runner import Runner, StepBatch
-from tokenfab.engine.sampler import Sampler, SampleResult, SampleRow, make_generator
+from tokenfab.engine.sampler import (
+    Sampler,
+    SampleResult,
+    SampleRow,
+    make_generator,
+    position_logprobs,
+)
 from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenfab.engine.sequence import Sequence
+from tokenfab.engine.structured import GrammarCompiler, GrammarError
 from tokenfab.engine.threads import ThreadTuner, available_cpus, settle_threadsafe
 from tokenfab.kv.hashing import request_extra_keys
 from tokenfab.protocol import (
@@ -57,6 +64,10 @@ class _RequestState:
     generator: torch.Generator | None
     uses_history: bool
     pending_logprobs: list[PositionLogprobs] = field(default_factory=list)
+    matcher: Any = None
+    """The request's grammar state (an llguidance LLMatcher) under structured output."""
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    """Filled by position while the prompt is computed; sent with the first output."""
 
 
 class LLMEngine:
@@ -130,6 +141,8 @@ class LLMEngine:
             if config.num_threads is None and config.device == "cpu" and cpus > 1
             else None
         )
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self._seqs: dict[str, Sequence] = {}
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -138,6 +151,15 @@ class LLMEngine:
         self._step_time_ema = 0.0
 
     # ------------------------------------------------------------------ requests
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Built on first use: the tokenizer's llguidance view costs ~0.3 s."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                eos = self.eos_token_ids[0] if self.eos_token_ids else None
+                self._grammars = GrammarCompiler(self.tokenizer, eos, self.vocab_size)
+            return self._grammars
 
     def validate(self, req: GenerateRequest) -> None:
         """Raise InvalidRequestError (with the numbers) if `req` cannot be served. Reads no
@@ -164,6 +186,19 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"stop_token_ids {bad_stop} are outside the vocabulary (size {self.vocab_size})"
             )
+        bad_bias = [t for t in p.logit_bias if t >= self.vocab_size]
+        if bad_bias:
+            raise InvalidRequestError(
+                f"logit_bias token ids {bad_bias} are outside the vocabulary "
+                f"(size {self.vocab_size})"
+            )
+        if p.structured is not None:
+            try:
+                grammars = self.grammars
+                with self._grammar_lock:
+                    grammars.compile(p.structured)
+            except GrammarError as e:
+                raise InvalidRequestError(str(e)) from None
         need = n + (p.max_tokens or 1)
         if need > self.max_model_len:
             what = f"max_tokens {p.max_tokens}" if p.max_tokens else "one generated token"
@@ -177,12 +212,24 @@ class LLMEngine:
         if req.request_id in self._seqs:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
         p = req.sampling
+        extra_keys = request_extra_keys(req.lora_name, req.cache_salt)
+        if p.prompt_logprobs is not None:
+            # Every prompt position needs its logits: no cached prefix may be reused.
+            extra_keys = (*extra_keys, f"prompt_logprobs={req.request_id}")
+        matcher = None
+        if p.structured is not None:
+            try:
+                grammars = self.grammars
+                with self._grammar_lock:
+                    matcher = grammars.matcher(p.structured)
+            except GrammarError as e:
+                raise InvalidRequestError(str(e)) from None
         seq = Sequence(
             req.request_id,
             list(req.prompt_token_ids),
             p,
             block_size=self.config.block_size,
-            extra_keys=request_extra_keys(req.lora_name, req.cache_salt),
+            extra_keys=extra_keys,
             lora_name=req.lora_name,
             max_total_tokens=self.max_model_len,
         )
@@ -204,6 +251,10 @@ class LLMEngine:
             uses_history=p.repetition_penalty != 1.0
             or p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0,
+            matcher=matcher,
+            prompt_logprobs=None
+            if p.prompt_logprobs is None
+            else [None] * len(req.prompt_token_ids),
         )
         self.scheduler.add(seq)  # may raise QueueFullError
         self._seqs[req.request_id] = seq
@@ -277,6 +328,7 @@ class LLMEngine:
             return []
         self._steps += 1
         started = self._clock.now()
+        self._mark_prompt_logits(sched)
         failed: list[GenerateOutput] = []
         try:
             logits = self._execute(sched)
@@ -286,6 +338,7 @@ class LLMEngine:
             )
             logits, failed = self._isolate_failure(sched)
         self.scheduler.update_computed(sched)
+        logits = self._take_prompt_logprobs(sched, logits)
         outputs = self._sample_and_advance(sched, logits)
         self.kv.flush_events()
         self._record_step_time(self._clock.now() - started)
@@ -322,7 +375,7 @@ class LLMEngine:
                 continue
             keep_chunks.append(chunk)
             keep_sched.append(s)
-            if chunk.sample:
+            if chunk.sample or chunk.all_logits:
                 rows.append(out)
         sched.batch.chunks[:] = keep_chunks
         sched.scheduled[:] = keep_sched
@@ -330,20 +383,60 @@ class LLMEngine:
         logits = torch.cat(rows) if rows else torch.empty((0, vocab), dtype=torch.float32)
         return logits, failed
 
+    def _mark_prompt_logits(self, sched: SchedulerOutput) -> None:
+        """Ask the runner for every row of the prompt chunks of prompt-logprobs requests."""
+        for chunk, s in zip(sched.batch.chunks, sched.scheduled, strict=True):
+            st: _RequestState = s.seq.state
+            if st.prompt_logprobs is not None and chunk.start_pos < s.seq.num_prompt_tokens:
+                chunk.all_logits = True
+
+    def _take_prompt_logprobs(self, sched: SchedulerOutput, logits: torch.Tensor) -> torch.Tensor:
+        """Record the prompt logprobs in the all-logits rows; return the sampling rows only."""
+        if not any(c.all_logits for c in sched.batch.chunks):
+            return logits
+        keep: list[int] = []
+        row = 0
+        for chunk, s in zip(sched.batch.chunks, sched.scheduled, strict=True):
+            if chunk.all_logits:
+                n = len(chunk.token_ids)
+                self._record_prompt_logprobs(s.seq, chunk.start_pos, logits[row : row + n])
+                if chunk.sample:
+                    keep.append(row + n - 1)
+                row += n
+            elif chunk.sample:
+                keep.append(row)
+                row += 1
+        return logits[keep]
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
+        """Row r predicts the token at position start + r + 1 (position 0 has none)."""
+        st: _RequestState = seq.state
+        assert st.prompt_logprobs is not None
+        prompt = seq.prompt_token_ids
+        count = min(rows.shape[0], len(prompt) - 1 - start)
+        if count <= 0:
+            return
+        lp = torch.log_softmax(rows[:count].float(), dim=-1)
+        top_n = seq.params.prompt_logprobs or 0
+        for r in range(count):
+            pos = start + r + 1
+            st.prompt_logprobs[pos] = position_logprobs(lp[r], prompt[pos], top_n)
+
     def _sample_and_advance(
         self, sched: SchedulerOutput, logits: torch.Tensor
     ) -> list[GenerateOutput]:
         to_sample = [s.seq for s in sched.scheduled if s.sample]
         rows = [self._sample_row(seq) for seq in to_sample]
         outputs: list[GenerateOutput] = []
+        bitmask = self._grammar_bitmask(to_sample, rows)
         try:
-            results: list[SampleResult | None] = list(self.sampler(logits, rows))
+            results: list[SampleResult | None] = list(self.sampler(logits, rows, bitmask))
         except Exception:
             log.exception("batched sampling failed; sampling rows one by one")
             results = []
             for i, (seq, row) in enumerate(zip(to_sample, rows, strict=True)):
                 try:
-                    results.append(self.sampler(logits[i : i + 1], [row])[0])
+                    results.append(self.sampler(logits[i : i + 1], [row], bitmask)[0])
                 except Exception as e:
                     results.append(None)
                     outputs.extend(self._fail([seq], f"sampling failed: {e}"))
@@ -356,6 +449,16 @@ class LLMEngine:
                 log.exception("request %s failed", seq.request_id)
                 outputs.extend(self._fail([seq], f"request failed: {e}"))
         return outputs
+
+    def _grammar_bitmask(self, seqs: list[Sequence], rows: list[SampleRow]) -> Any:
+        """One batched mask computation for the step's constrained rows (sets their mask_row)."""
+        matchers = []
+        for seq, row in zip(seqs, rows, strict=True):
+            m = seq.state.matcher
+            if m is not None:
+                row.mask_row = len(matchers)
+                matchers.append(m)
+        return self.grammars.fill_bitmask(matchers) if matchers else None
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         st: _RequestState = seq.state
@@ -384,8 +487,12 @@ class LLMEngine:
             st.pending_logprobs.append(logprobs)
         reason: str | None = None
         stop_reason: str | int | None = None
+        if st.matcher is not None:
+            reason = self._advance_grammar(st.matcher, token)
         past_min = seq.num_output_tokens > p.min_tokens
-        if token in st.stop_token_ids and past_min:
+        if reason is not None:
+            st.detok.add(token)
+        elif token in st.stop_token_ids and past_min:
             reason = "stop"
             stop_reason = token if token in p.stop_token_ids else None
             if p.include_stop_str_in_output:
@@ -404,11 +511,23 @@ class LLMEngine:
             self._finished += 1
         return self._output(seq, [token], finished=reason is not None)
 
+    def _advance_grammar(self, matcher: Any, token: int) -> str | None:
+        """Feed the sampled token to the grammar; "stop" once it accepts nothing more (a
+        complete JSON value ends the request without waiting for an EOS)."""
+        if token in self.eos_token_ids:
+            return None  # the usual EOS handling finishes the request
+        if not matcher.consume_token(token):
+            raise RuntimeError(f"grammar rejected token {token}: {matcher.get_error()}")
+        return "stop" if matcher.is_stopped() else None
+
     def _output(self, seq: Sequence, tokens: list[int], finished: bool) -> GenerateOutput:
         st: _RequestState = seq.state
         lps = None
         if seq.params.logprobs is not None:
             lps, st.pending_logprobs = st.pending_logprobs, []
+        prompt_lps = None
+        if st.prompt_logprobs is not None and (tokens or finished):
+            prompt_lps, st.prompt_logprobs = st.prompt_logprobs, None
         return GenerateOutput(
             request_id=seq.request_id,
             token_ids=tokens,
@@ -418,6 +537,7 @@ class LLMEngine:
             stop_reason=seq.stop_reason if finished else None,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=max(seq.num_cached_tokens, 0),
+            prompt_logprobs=prompt_lps,
         )
 
     def _fail(self, seqs: list[Sequence], message: str) -> list[GenerateOutput]:

@@ -34,6 +34,8 @@ class RequestOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[PositionLogprobs] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    """With SamplingParams.prompt_logprobs: per prompt position (the first is None)."""
     num_cached_tokens: int = 0
     error: str | None = None
     """Set (with finish_reason "error") if the engine failed this request mid-run."""
@@ -133,6 +135,8 @@ class LLM:
                         res.text += out.text
                         if out.logprobs is not None:
                             res.logprobs = (res.logprobs or []) + out.logprobs
+                        if out.prompt_logprobs is not None:
+                            res.prompt_logprobs = out.prompt_logprobs
                         if out.finish_reason is not None:
                             res.finish_reason = out.finish_reason
                             res.stop_reason = out.stop_reason

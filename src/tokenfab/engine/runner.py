@@ -31,6 +31,8 @@ class SeqChunk:
     """Physical block ids holding positions [0, start_pos + len(token_ids)), in order."""
     sample: bool
     """Whether to return logits at the last of token_ids (false for a non-final prefill chunk)."""
+    all_logits: bool = False
+    """Return logits at every one of token_ids (prompt logprobs); they include the sample row."""
 
 
 @dataclass(slots=True)
@@ -43,8 +45,8 @@ class Runner(Protocol):
     num_blocks: int
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Write the chunks' K/V into their blocks, run the model, and return float32 logits of
-        shape [number of chunks with sample=True, vocab], in chunk order."""
+        """Write the chunks' K/V into their blocks, run the model, and return float32 logits in
+        chunk order: one row per chunk with sample=True, or one per token with all_logits."""
         ...
 
 
@@ -204,6 +206,7 @@ class TorchRunner:
         positions: list[int] = []
         slots: list[int] = []
         last_row = [0] * len(batch.chunks)
+        first_row = [0] * len(batch.chunks)
         decode_tables: list[list[int]] = []
         decode_pos: list[int] = []
         spans: list[tuple[int, int, int, list[int]]] = []
@@ -225,6 +228,7 @@ class TorchRunner:
             table = c.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             last_row[i] = row + n - 1
+            first_row[i] = row
             if n == 1:
                 decode_tables.append(table[:need])
                 decode_pos.append(c.start_pos)
@@ -253,5 +257,11 @@ class TorchRunner:
             prefills=[PrefillSpan(r, n, s, t(b)) for r, n, s, b in spans],
             block_size=bs,
         )
-        rows = t([last_row[i] for i, c in enumerate(batch.chunks) if c.sample])
+        wanted: list[int] = []
+        for i, c in enumerate(batch.chunks):
+            if c.all_logits:
+                wanted.extend(range(first_row[i], last_row[i] + 1))
+            elif c.sample:
+                wanted.append(last_row[i])
+        rows = t(wanted)
         return t(ids), t(positions), meta, rows

@@ -1,4 +1,5 @@
-"""Batched token sampling: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
+"""Batched token sampling: logit bias, grammar masks, penalties, temperature, top-k / top-p /
+min-p, seeds, logprobs.
 
 One call handles a whole step's rows at once with vectorized torch ops; per-row Python work is
 limited to building small index tensors. A step whose rows are all greedy without penalties or
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tokenfab.engine.structured import apply_bitmask
 from tokenfab.protocol import PositionLogprobs, SamplingParams, TokenLogprob
 
 
@@ -33,6 +35,8 @@ class SampleRow:
     generator: torch.Generator | None = None
     suppress_token_ids: list[int] = field(default_factory=list)
     """Tokens forbidden this step (EOS and stop ids while below min_tokens)."""
+    mask_row: int | None = None
+    """This row's index into the step's grammar bitmask (None: unconstrained)."""
 
 
 @dataclass(slots=True)
@@ -51,7 +55,10 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = make_generator(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SampleRow], bitmask: np.ndarray | None = None
+    ) -> list[SampleResult]:
+        """`bitmask`: the grammar masks of the rows with a `mask_row` (structured.py)."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} requests")
         if not rows:
@@ -61,19 +68,28 @@ class Sampler:
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
 
         fast = not want_lp and all(_plain_greedy(r) for r in rows)
-        tokens = _argmax(logits).tolist() if fast else self._sample(logits.clone(), rows)
+        tokens = _argmax(logits).tolist() if fast else self._sample(logits.clone(), rows, bitmask)
 
         results = [SampleResult(t) for t in tokens]
         if raw_lp is not None:
             for j, i in enumerate(want_lp):
-                results[i].logprobs = _logprobs(raw_lp[j], tokens[i], rows[i].params.logprobs or 0)
+                results[i].logprobs = position_logprobs(
+                    raw_lp[j], tokens[i], rows[i].params.logprobs or 0
+                )
         return results
 
-    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
+    def _sample(
+        self, logits: torch.Tensor, rows: list[SampleRow], bitmask: np.ndarray | None
+    ) -> list[int]:
+        _apply_logit_bias(logits, rows)
         _apply_penalties(logits, rows)
         for i, r in enumerate(rows):
             if r.suppress_token_ids:
                 logits[i, r.suppress_token_ids] = float("-inf")
+        masked = [i for i, r in enumerate(rows) if r.mask_row is not None]
+        if masked and bitmask is not None:
+            order = [rows[i].mask_row for i in masked]
+            apply_bitmask(logits, masked, bitmask[order])
 
         greedy = [r.params.greedy for r in rows]
         tokens = _argmax(logits)
@@ -112,6 +128,8 @@ def _plain_greedy(r: SampleRow) -> bool:
     return (
         p.greedy
         and not r.suppress_token_ids
+        and r.mask_row is None
+        and not p.logit_bias
         and p.repetition_penalty == 1.0
         and p.presence_penalty == 0.0
         and p.frequency_penalty == 0.0
@@ -125,6 +143,17 @@ def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
         if x:
             out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
     return out
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """In place, before penalties (OpenAI's and vLLM's order). Ids past the logits' width (a
+    tokenizer larger than the model's head) are ignored."""
+    vocab = logits.shape[1]
+    for i, r in enumerate(rows):
+        bias = r.params.logit_bias
+        if bias:
+            ids = [t for t in bias if t < vocab]
+            logits[i, ids] += torch.tensor([bias[t] for t in ids], dtype=logits.dtype)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
@@ -183,7 +212,8 @@ def _min_p(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def _logprobs(row_lp: torch.Tensor, token_id: int, top_n: int) -> PositionLogprobs:
+def position_logprobs(row_lp: torch.Tensor, token_id: int, top_n: int) -> PositionLogprobs:
+    """`token_id`'s logprob and the top `top_n` of one row of log-probabilities."""
     top: list[TokenLogprob] = []
     if top_n > 0:
         values, ids = row_lp.topk(top_n)

@@ -22,12 +22,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
+from tokenfab.frontend.chat_deltas import ChatDeltas
 from tokenfab.frontend.errors import APIError, bad_request, error_body, install_error_handlers
 from tokenfab.frontend.fanout import Fanout
 from tokenfab.frontend.metrics import FrontendMetrics
 from tokenfab.frontend.middleware import AccessMiddleware
 from tokenfab.frontend.prompts import Prompts
-from tokenfab.frontend.requests import Prepared, check_model, prepare_chat, prepare_completion
+from tokenfab.frontend.requests import (
+    DEFAULT_MAX_TOKENS,
+    Limits,
+    Prepared,
+    check_model,
+    prepare_chat,
+    prepare_completion,
+)
 from tokenfab.frontend.responses import (
     ChoiceState,
     chat_completion,
@@ -38,6 +46,7 @@ from tokenfab.frontend.responses import (
     text_completion,
     usage,
 )
+from tokenfab.frontend.responses_api import ResponseEvents, ResponsesRequest, response_body, to_chat
 from tokenfab.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from tokenfab.frontend.workers import WorkerPool
 from tokenfab.protocol import GenerateOutput
@@ -59,6 +68,8 @@ class FrontendState:
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     retry_after_s: int = 1
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS
+    """Chat completion budget when a request gives none (None: the rest of the context)."""
 
 
 class ClientDisconnected(Exception):
@@ -67,7 +78,7 @@ class ClientDisconnected(Exception):
 
 def remote_to_api(e: RemoteError, retry_after_s: int = 1) -> APIError:
     if e.code == "invalid_request":
-        return bad_request(e.message)
+        return bad_request(e.message, _param_in(e.message))
     if e.code in ("queue_full", "unavailable"):
         return APIError(
             503,
@@ -76,6 +87,13 @@ def remote_to_api(e: RemoteError, retry_after_s: int = 1) -> APIError:
             headers={"Retry-After": str(retry_after_s)},
         )
     return APIError(500, f"internal error: {e.message}", code=e.code)
+
+
+def _param_in(message: str) -> str | None:
+    """The request field an engine-side validation message names first, if any."""
+    head = message.split(" ", 1)[0].rstrip(":")
+    known = ("logit_bias", "stop_token_ids", "prompt", "max_tokens", "min_tokens", "seed")
+    return head if head in known else None
 
 
 async def read_json(request: Request, model: type[M], max_bytes: int) -> M:
@@ -97,6 +115,11 @@ async def read_json(request: Request, model: type[M], max_bytes: int) -> M:
         return model.model_validate_json(body)
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False)
+        unknown = [_field_path(x.get("loc", ())) for x in errors if x["type"] == "extra_forbidden"]
+        if unknown:
+            raise bad_request(
+                f"Unrecognized request argument supplied: {unknown[0]}", unknown[0]
+            ) from None
         err = errors[0]
         if err.get("type") == "json_invalid":
             raise bad_request(f"invalid JSON: {err['msg']}") from None
@@ -154,6 +177,7 @@ def build_app(state: FrontendState) -> FastAPI:
     app = FastAPI(title="tokenfab", version="0.1.0", docs_url=None, redoc_url=None)
     metrics = FrontendMetrics(state.pool.router_metrics)
     prompts = Prompts(state.tokenizer)
+    limits = Limits(state.max_model_len, state.default_max_tokens, prompts.vocab_size)
     app.state.tokenfab = state
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -192,13 +216,15 @@ def build_app(state: FrontendState) -> FastAPI:
     async def prepare(fn: Callable[..., Prepared], req: Any, size: int) -> Prepared:
         check_model(req.model, state.model_name)
         if size > _THREAD_PROMPT_CHARS:
-            prep = await asyncio.to_thread(fn, req, prompts, state.max_model_len)
+            prep = await asyncio.to_thread(fn, req, prompts, limits)
         else:
-            prep = fn(req, prompts, state.max_model_len)
+            prep = fn(req, prompts, limits)
         prep.created = int(time.time())
         return prep
 
-    async def run(request: Request, prep: Prepared, kind: str) -> Response:
+    async def run(
+        request: Request, prep: Prepared, kind: str, resp_req: ResponsesRequest | None = None
+    ) -> Response:
         arrival = time.monotonic()
         fanout = Fanout(state.pool, prep.build(), metrics, arrival)
         try:
@@ -209,6 +235,14 @@ def build_app(state: FrontendState) -> FastAPI:
             return Response(status_code=499)
         metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in prep.prompts))  # admitted
         states = [ChoiceState() for _ in prep.engine_requests]
+        if prep.stream and resp_req is not None:
+            return StreamingResponse(
+                _guarded_events(
+                    _stream_response(resp_req, prep, fanout, firsts, states), fanout, state
+                ),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         if prep.stream:
             stream = _stream_chat if kind == "chat" else _stream_completion
             return StreamingResponse(
@@ -231,6 +265,8 @@ def build_app(state: FrontendState) -> FastAPI:
             return Response(status_code=499)
         finally:
             fanout.cancel()
+        if resp_req is not None:
+            return JSONResponse(response_body(resp_req, prep, state.model_name, states))
         build = chat_completion if kind == "chat" else text_completion
         return JSONResponse(build(prep, state.model_name, prompts, states))
 
@@ -246,41 +282,82 @@ def build_app(state: FrontendState) -> FastAPI:
         size = len(req.prompt) if isinstance(req.prompt, str) else 0
         return await run(request, await prepare(prepare_completion, req, size), "completion")
 
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        req = await read_json(request, ResponsesRequest, state.max_body_bytes)
+        chat_req = to_chat(req)
+        size = sum(len(m.text()) for m in chat_req.messages)
+        return await run(request, await prepare(prepare_chat, chat_req, size), "chat", req)
+
+    def _stream_response(
+        req: ResponsesRequest,
+        prep: Prepared,
+        fanout: Fanout,
+        firsts: list[GenerateOutput],
+        states: list[ChoiceState],
+    ) -> AsyncIterator[bytes]:
+        events = ResponseEvents(req, prep, state.model_name)
+        deltas = ChatDeltas(prep)
+
+        def text(out: GenerateOutput) -> list[bytes]:
+            states[0].add(out)
+            content = deltas.feed(out.text, out.finish_reason is not None).get("content")
+            return events.text_delta(content) if content else []
+
+        async def gen() -> AsyncIterator[bytes]:
+            for data in events.start():
+                yield data
+            for out in firsts:
+                for data in text(out):
+                    yield data
+            async for _, out in fanout.rest():
+                for data in text(out):
+                    yield data
+            for data in events.finish(states):
+                yield data
+
+        return gen()
+
     def _stream_chat(
         prep: Prepared, fanout: Fanout, firsts: list[GenerateOutput], states: list[ChoiceState]
     ) -> AsyncIterator[bytes]:
+        deltas = [ChatDeltas(prep) for _ in states]
+
         def delta(i: int, out: GenerateOutput) -> dict | None:
             states[i].add(out)
-            d = {"content": out.text} if out.text else {}
+            d = deltas[i].feed(out.text, out.finish_reason is not None)
             lp = None
             if prep.logprobs is not None and out.logprobs:
-                lp = chat_logprobs(prompts, out.logprobs)
+                lp = chat_logprobs(prompts, out.logprobs, prep.token_ids_as_text)
             if not d and lp is None and out.finish_reason is None:
                 return None
-            return {"index": i, "delta": d, "logprobs": lp, "finish_reason": out.finish_reason}
+            reason = deltas[i].finish_reason(out.finish_reason)
+            return {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason}
+
+        def sse(c: dict | list[dict]) -> bytes:
+            body = chunk(prep, state.model_name, obj, c if isinstance(c, list) else [c])
+            if prep.continuous_usage:
+                body["usage"] = usage(prep, states)
+            return _sse(body)
+
+        obj = "chat.completion.chunk"
 
         async def gen() -> AsyncIterator[bytes]:
-            obj = "chat.completion.chunk"
             role = {"role": "assistant", "content": ""}
-            yield _sse(
-                chunk(
-                    prep,
-                    state.model_name,
-                    obj,
-                    [
-                        {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
-                        for i in range(len(firsts))
-                    ],
-                )
+            yield sse(
+                [
+                    {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+                    for i in range(len(firsts))
+                ]
             )
             for i, out in enumerate(firsts):
                 c = delta(i, out)
                 if c is not None:
-                    yield _sse(chunk(prep, state.model_name, obj, [c]))
+                    yield sse(c)
             async for i, out in fanout.rest():
                 c = delta(i, out)
                 if c is not None:
-                    yield _sse(chunk(prep, state.model_name, obj, [c]))
+                    yield sse(c)
 
         return gen()
 
@@ -296,27 +373,60 @@ def build_app(state: FrontendState) -> FastAPI:
                 echo_ids = prep.prompts[i // prep.n].token_ids
             lp = None
             if prep.logprobs is not None and (out.logprobs or echo_ids):
-                lp = completion_logprobs(prompts, out.logprobs or [], s.text_len, echo_ids)
+                lp = completion_logprobs(
+                    prompts,
+                    out.logprobs or [],
+                    s.text_len,
+                    echo_ids,
+                    out.prompt_logprobs,
+                    prep.token_ids_as_text,
+                )
             s.add(out)
             s.text_len += len(text)
             if not text and lp is None and out.finish_reason is None:
                 return None
             return {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
 
+        def sse(c: dict) -> bytes:
+            body = chunk(prep, state.model_name, "text_completion", [c])
+            if prep.continuous_usage:
+                body["usage"] = usage(prep, states)
+            return _sse(body)
+
         async def gen() -> AsyncIterator[bytes]:
-            obj = "text_completion"
             for i, out in enumerate(firsts):
                 c = piece(i, out, True)
                 if c is not None:
-                    yield _sse(chunk(prep, state.model_name, obj, [c]))
+                    yield sse(c)
             async for i, out in fanout.rest():
                 c = piece(i, out, False)
                 if c is not None:
-                    yield _sse(chunk(prep, state.model_name, obj, [c]))
+                    yield sse(c)
 
         return gen()
 
     return app
+
+
+async def _guarded_events(
+    body: AsyncIterator[bytes], fanout: Fanout, state: FrontendState
+) -> AsyncIterator[bytes]:
+    """A Responses API stream: a failure becomes an `error` event; the engine requests are
+    cancelled however the stream ends."""
+    try:
+        async for data in body:
+            yield data
+    except Exception as e:
+        if isinstance(e, RemoteError):
+            err = remote_to_api(e, state.retry_after_s)
+            message, code = err.message, err.status
+        else:
+            log.exception("response stream failed")
+            message, code = f"internal error ({type(e).__name__})", 500
+        body_ = {"type": "error", "code": str(code), "message": message, "param": None}
+        yield b"event: error\ndata: " + msgspec.json.encode(body_) + b"\n\n"
+    finally:
+        fanout.cancel()
 
 
 async def _guarded(
@@ -341,7 +451,7 @@ async def _guarded(
         yield _DONE
     except RemoteError as e:
         err = remote_to_api(e, state.retry_after_s)
-        yield _sse(error_body(err.status, err.message, code=err.code))
+        yield _sse(error_body(err.status, err.message, _param_in(err.message)))
         yield _DONE
     except Exception as e:  # a bug of ours: tell the client, keep the server up
         log.exception("stream %s failed", prep.request_id)

@@ -1,4 +1,7 @@
-"""OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}`, never a traceback."""
+"""Errors shaped as vLLM's OpenAI server shapes them, so clients written against vLLM keep
+working: `{"error": {"message", "type", "param", "code"}}` with `type` the status's name
+(`BadRequestError`, `NotFoundError`, ...) and `code` the HTTP status; never a traceback.
+The reason (e.g. `queue_full`) is kept in the message."""
 
 from __future__ import annotations
 
@@ -12,14 +15,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 _TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable_error",
+    400: "BadRequestError",
+    401: "UnauthorizedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestEntityTooLargeError",
+    429: "TooManyRequestsError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    503: "ServiceUnavailableError",
 }
 
 
@@ -33,6 +37,8 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        """`code`: a short reason (e.g. `queue_full`), for logs and metrics; the body's
+        `code` is the status, as vLLM's."""
         super().__init__(message)
         self.status = status
         self.message = message
@@ -53,9 +59,11 @@ def error_body(
     return {
         "error": {
             "message": message,
-            "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
+            "type": _TYPES.get(
+                status, "BadRequestError" if status < 500 else "InternalServerError"
+            ),
             "param": param,
-            "code": code,
+            "code": status,
         }
     }
 

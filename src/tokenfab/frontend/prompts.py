@@ -9,7 +9,9 @@ from functools import lru_cache
 from typing import Any
 
 from tokenfab.frontend.errors import bad_request
+from tokenfab.frontend.reasoning import ReasoningFormat, reasoning_format
 from tokenfab.frontend.schemas import ChatMessage
+from tokenfab.frontend.tools import ToolPlan, conversation
 
 # Used only when a model's tokenizer has no chat template of its own.
 FALLBACK_CHAT_TEMPLATE = (
@@ -49,23 +51,43 @@ class Prompts:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        own: str | None = getattr(tokenizer, "chat_template", None)
+        self.template_knows_tools = bool(own) and "tools" in (own or "")
+        self.reasoning: ReasoningFormat | None = reasoning_format(tokenizer)
+        self.vocab_size = len(tokenizer)
 
     def chat(
-        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
+        self,
+        messages: list[ChatMessage],
+        template_kwargs: dict[str, Any] | None = None,
+        *,
+        tools: ToolPlan | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> tuple[str, list[int]]:
         """The chat template applied (with the generation prompt), as text and token ids."""
         if not messages:
             raise bad_request("messages must not be empty", param="messages")
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        convo = conversation(messages, tools, self.template_knows_tools)
         kwargs = _template_kwargs(template_kwargs)
+        add_generation_prompt = kwargs.pop("add_generation_prompt", add_generation_prompt)
+        continue_final_message = kwargs.pop("continue_final_message", continue_final_message)
+        if continue_final_message and add_generation_prompt:
+            raise bad_request(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                "continue_final_message",
+            )
+        if tools is not None and tools.in_prompt and self.template_knows_tools:
+            kwargs["tools"] = tools.template_tools()
         template = (
             None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
         )
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation,
+                convo,
                 tokenize=False,
-                add_generation_prompt=kwargs.pop("add_generation_prompt", True),
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
                 chat_template=template,
                 **kwargs,
             )
@@ -76,8 +98,8 @@ class Prompts:
         # The template already wrote the special tokens (BOS etc.) it wants.
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

@@ -123,6 +123,9 @@ def register(app: typer.Typer) -> None:
             "--in-process",
             help="Run the engines in the server's process (default: a process per engine).",
         ),
+        default_max_tokens: int = typer.Option(
+            1024, min=0, help="Cap for chat requests without max_tokens (0: the context's room)."
+        ),
         router: str = typer.Option("kv", "--router", help=ROUTER_HELP),
         overlap_weight: float = typer.Option(
             1.0, help="kv router: weight of uncached prompt blocks against active blocks."
@@ -146,6 +149,7 @@ def register(app: typer.Typer) -> None:
             workers=workers,
             served_model_name=served_model_name,
             engine_processes=not in_process,
+            default_max_tokens=default_max_tokens or None,
             **_router_options(router, overlap_weight, router_temperature),
         )
         _run(run(engine, server, log_level=log_level.lower()), host, port)
@@ -194,6 +198,9 @@ def register(app: typer.Typer) -> None:
         ),
         served_model_name: str = typer.Option(None, help="Model id clients send."),
         wait: float = typer.Option(300.0, help="Seconds to wait for the first worker."),
+        default_max_tokens: int = typer.Option(
+            1024, min=0, help="Cap for chat requests without max_tokens (0: the context's room)."
+        ),
         router: str = typer.Option("kv", "--router", help=ROUTER_HELP),
         overlap_weight: float = typer.Option(
             1.0, help="kv router: weight of uncached prompt blocks against active blocks."
@@ -219,6 +226,7 @@ def register(app: typer.Typer) -> None:
             api_key=api_key or None,
             served_model_name=served_model_name,
             external_router=external_router,
+            default_max_tokens=default_max_tokens or None,
             **_router_options(router, overlap_weight, router_temperature),
         )
         _run(

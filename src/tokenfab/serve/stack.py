@@ -149,6 +149,7 @@ def frontend_state(
         max_model_len=max_model_len,
         api_key=server.api_key,
         max_body_bytes=server.max_body_bytes,
+        default_max_tokens=server.default_max_tokens,
     )
 
 
