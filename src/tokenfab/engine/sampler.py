@@ -68,7 +68,10 @@ class Sampler:
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
 
         fast = not want_lp and all(_plain_greedy(r) for r in rows)
-        tokens = _argmax(logits).tolist() if fast else self._sample(logits.clone(), rows, bitmask)
+        # Penalties, seeded noise (CPU generators) and masks are built on the host: on a GPU
+        # the step's logits come over once (a copy: _sample works in place).
+        host = None if fast else logits.to("cpu", copy=True)
+        tokens = _argmax(logits).tolist() if host is None else self._sample(host, rows, bitmask)
 
         results = [SampleResult(t) for t in tokens]
         if raw_lp is not None:
