@@ -17,6 +17,17 @@ ROUTER_HELP = (
     "weighed against load), round_robin, random, least_loaded."
 )
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
+# Options the serve and frontend commands share (typer reads these defaults as declarations).
+DEFAULT_MAX_TOKENS_OPTION = typer.Option(
+    1024, min=0, help="Cap for chat requests without max_tokens (0: the context's room)."
+)
+ROUTER_OPTION = typer.Option("kv", "--router", help=ROUTER_HELP)
+OVERLAP_WEIGHT_OPTION = typer.Option(
+    1.0, help="kv router: weight of uncached prompt blocks against active blocks."
+)
+ROUTER_TEMPERATURE_OPTION = typer.Option(
+    0.0, help="kv router: 0 picks the cheapest worker; > 0 samples (softmax of costs)."
+)
 
 
 def _router_options(policy: str, overlap_weight: float, temperature: float) -> dict[str, Any]:
@@ -123,16 +134,10 @@ def register(app: typer.Typer) -> None:
             "--in-process",
             help="Run the engines in the server's process (default: a process per engine).",
         ),
-        default_max_tokens: int = typer.Option(
-            1024, min=0, help="Cap for chat requests without max_tokens (0: the context's room)."
-        ),
-        router: str = typer.Option("kv", "--router", help=ROUTER_HELP),
-        overlap_weight: float = typer.Option(
-            1.0, help="kv router: weight of uncached prompt blocks against active blocks."
-        ),
-        router_temperature: float = typer.Option(
-            0.0, help="kv router: 0 picks the cheapest worker; > 0 samples (softmax of costs)."
-        ),
+        default_max_tokens: int = DEFAULT_MAX_TOKENS_OPTION,
+        router: str = ROUTER_OPTION,
+        overlap_weight: float = OVERLAP_WEIGHT_OPTION,
+        router_temperature: float = ROUTER_TEMPERATURE_OPTION,
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health,
@@ -198,16 +203,10 @@ def register(app: typer.Typer) -> None:
         ),
         served_model_name: str = typer.Option(None, help="Model id clients send."),
         wait: float = typer.Option(300.0, help="Seconds to wait for the first worker."),
-        default_max_tokens: int = typer.Option(
-            1024, min=0, help="Cap for chat requests without max_tokens (0: the context's room)."
-        ),
-        router: str = typer.Option("kv", "--router", help=ROUTER_HELP),
-        overlap_weight: float = typer.Option(
-            1.0, help="kv router: weight of uncached prompt blocks against active blocks."
-        ),
-        router_temperature: float = typer.Option(
-            0.0, help="kv router: 0 picks the cheapest worker; > 0 samples (softmax of costs)."
-        ),
+        default_max_tokens: int = DEFAULT_MAX_TOKENS_OPTION,
+        router: str = ROUTER_OPTION,
+        overlap_weight: float = OVERLAP_WEIGHT_OPTION,
+        router_temperature: float = ROUTER_TEMPERATURE_OPTION,
         external_router: bool = typer.Option(
             False,
             "--external-router",
