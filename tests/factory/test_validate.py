@@ -15,6 +15,7 @@ from tokenfab.factory.measured import case_from_row, concurrency_of, read_rows
 from tokenfab.factory.serving import AggDeployment, DisaggDeployment
 
 KEYS = {"rows", "predicted", "skipped", "ttft_mdape", "tpot_mdape", "ttft_p90_ape", "tpot_p90_ape"}
+KEYS |= {"ttft_in_interval", "tpot_in_interval"}
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +78,15 @@ def test_column_mapping(rows):
 
 
 def test_whole_bundled_file_predicted(bundled_csv):
-    from tokenfab.factory.validate import validate_file
+    from tokenfab.factory.validate_report import validate_file
 
     summary, results, skipped = validate_file(bundled_csv)
-    assert summary["rows"] == 3679 and summary["skipped"] == 0 and not skipped
+    assert summary["rows"] == 3298 and summary["skipped"] == 0 and not skipped
     assert all(r.ttft_ms > 0 and r.tpot_ms > 0 for r in results)
 
 
 def test_kfold_random_and_grouped(rows):
-    from tokenfab.factory.calibrate import kfold
+    from tokenfab.factory.crossval import kfold
 
     cases = [case_from_row(r) for r in rows[:200]]
     folds = kfold(cases, 5, seed=0)

@@ -392,24 +392,18 @@ def validate(
     cv: int = typer.Option(
         0, "--cv", help="K-fold cross-validation: refit on K-1 folds of FILE, predict the rest."
     ),
-    physics_only: bool = typer.Option(
-        False,
-        "--physics-only",
-        help="The calibrated physics alone: no pull toward other measurements of the same "
-        "deployment (the measured anchors).",
-    ),
     out: Path | None = typer.Option(
         None, "--out", help="Also write every row's prediction, measurement and error as CSV."
     ),
 ) -> None:
     """Predict TTFT and TPOT for every row of a measured-serving CSV and report the errors.
 
-    A row whose deployment (backend, version, model, system, mode, precision) has other
-    measurements in the bundled data is pulled toward them; a row's own measurement is never
-    used for it. With --cv both the calibration and the anchors are rebuilt per fold."""
-    from tokenfab.factory.validate import run_validate
+    The prediction is exactly what `tokenfab plan` computes (the calibrated physics), with
+    its 80% error bar from cross-validated held-out errors; the JSON adds the share of rows
+    inside those bars. With --cv the calibration is refitted per fold of FILE."""
+    from tokenfab.factory.validate_report import run_validate
 
-    run_validate(data, as_json=as_json, cv=cv, physics_only=physics_only, out=out)
+    run_validate(data, as_json=as_json, cv=cv, out=out)
 
 
 @app.command("keynote")

@@ -492,7 +492,7 @@ def run_search(q: PlanQuery, cal: Calibration | None = None) -> SearchResult:
     """Enumerate, predict and rank; raises PlanError when nothing can run."""
     q.check()
     if cal is None:
-        from tokenfab.factory.calibrate import bundled_calibration
+        from tokenfab.factory.params import bundled_calibration
 
         cal = bundled_calibration(q.backend)
     t0 = time.perf_counter()

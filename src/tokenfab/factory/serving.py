@@ -274,7 +274,7 @@ def predict(
     """TTFT/TPOT/throughput of a deployment. `cal` defaults to the bundled calibration
     (for `backend` — trtllm, sglang, vllm — when given)."""
     if cal is None:
-        from tokenfab.factory.calibrate import bundled_calibration
+        from tokenfab.factory.params import bundled_calibration
 
         cal = bundled_calibration(backend)
     if isinstance(dep, AggDeployment):
