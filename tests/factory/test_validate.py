@@ -120,3 +120,18 @@ def test_odd_quant_names_and_empty_values_still_predicted(tmp_path, rows):
     res = CliRunner().invoke(app, ["validate", "--data", str(f), "--json"])
     out = json.loads(res.output)
     assert out["predicted"] == 3 and out["skipped"] == 0
+
+
+def test_bundled_file_has_each_measurement_once(rows):
+    from tokenfab.factory.measured import dedupe_rows
+
+    kept, dropped = dedupe_rows(rows)
+    assert not dropped and len(kept) == len(rows)
+    # the same run exported again under another id and config id is one measurement
+    again = dict(rows[5], id="renamed", silicon_data_source=rows[5]["silicon_data_source"]
+                 .replace("config_id=", "config_id=9"))  # fmt: skip
+    kept, dropped = dedupe_rows([*rows[:10], again])
+    assert len(kept) == 10 and dropped == [("renamed", rows[5]["id"])]
+    # a re-measurement (other TTFT) is not a duplicate
+    other = dict(again, silicon_ttft_ms=str(float(rows[5]["silicon_ttft_ms"]) * 1.01))
+    assert len(dedupe_rows([*rows[:10], other])[0]) == 11

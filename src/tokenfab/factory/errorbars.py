@@ -64,6 +64,18 @@ class ErrorBars:
             (tpot_ms * f["tpot"][0], tpot_ms * f["tpot"][1]),
         )
 
+    def throughput_factors(
+        self, mode: str, backend: str | None, ttft_ms: float, tpot_ms: float, osl: int
+    ) -> tuple[float, float]:
+        """(low, high) factors on tokens/s (per GPU and per user alike at a fixed user
+        count): a closed-loop user waits TTFT + (osl - 1) TPOT per request, so throughput
+        falls when both latencies sit at the top of their bars and rises at the bottom."""
+        f = self.factors(mode, backend or "auto")
+        t = ttft_ms + (osl - 1) * tpot_ms
+        slow = ttft_ms * f["ttft"][1] + (osl - 1) * tpot_ms * f["tpot"][1]
+        fast = ttft_ms * f["ttft"][0] + (osl - 1) * tpot_ms * f["tpot"][0]
+        return (t / slow if slow > 0 else 1.0, t / fast if fast > 0 else 1.0)
+
     def to_dict(self) -> dict:
         return {
             "level": self.level,
