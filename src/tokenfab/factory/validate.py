@@ -107,6 +107,6 @@ def summarize(
         "ttft_p90_ape": _pct(te, 90),
         "tpot_p90_ape": _pct(pe, 90),
     }
-    if bars is not None:
+    if bars is not None and bars.groups:
         out["ttft_in_interval"], out["tpot_in_interval"] = coverage(results, bars)
     return out
