@@ -131,14 +131,16 @@ def main() -> None:
         f"\n{args.data.name}: {rows} rows, {len(skipped)} skipped ({time.perf_counter() - t:.0f}s)"
     )
     head = f"{'split':58s} {'rows':>5s} {'TTFT MdAPE':>10s} {'p90':>7s} {'TPOT MdAPE':>10s} {'p90':>7s}"
-    print(head)
+    print(head + f" {'in 80% bars (TTFT/TPOT)':>24s}")
     for name, s in report.items():
         vals = [s[k] for k in ("ttft_mdape", "ttft_p90_ape", "tpot_mdape", "tpot_p90_ape")]
         # a kind of row the file does not have summarizes to None
         cells = ["-" if v is None else f"{v:.1f}%" for v in vals]
+        cover = [s.get(k) for k in ("ttft_in_interval", "tpot_in_interval")]
+        bars = " / ".join("-" if v is None else f"{100 * v:.0f}%" for v in cover)
         print(
             f"{name:58s} {s['predicted']:5d} {cells[0]:>10s} {cells[1]:>7s} "
-            f"{cells[2]:>10s} {cells[3]:>7s}"
+            f"{cells[2]:>10s} {cells[3]:>7s} {bars:>24s}"
         )
 
 

@@ -69,3 +69,13 @@ def test_a_broken_manifest_fails_validation():
            "spec": {"replicas": 1, "template": {"spec": {"containers": []}}}}  # fmt: skip
     with pytest.raises(kv.ValidationError):
         kv.validate(bad, K8S, strict=True)
+
+
+def test_emit_into_a_file_is_one_line_error(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    res = CliRunner().invoke(app, ["plan", "-m", "meta-llama/Llama-3.1-8B-Instruct", "-s",
+                                   "h100", "-n", "2", "--emit", str(f)])  # fmt: skip
+    assert res.exit_code == 2
+    err = res.stderr.strip()
+    assert err.startswith("error: cannot write") and "\n" not in err

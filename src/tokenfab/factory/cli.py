@@ -74,7 +74,8 @@ def plan(
         None,
         "--emit",
         help="Write the best point's deployment here: deployment.json (roles, worker counts, "
-        "parallelism, engine backend and command, planner capacity), serve.sh, k8s.yaml.",
+        "parallelism, engine backend and command — --backend, trtllm for auto —, planner "
+        "capacity with error bars), serve.sh, k8s.yaml.",
     ),
 ) -> None:
     """Search layouts, batch sizes and aggregated/disaggregated splits; print the frontier."""

@@ -1,8 +1,10 @@
 """Error bars: the interval a prediction's measurement falls in, from held-out errors.
 
-Cross-validation (`crossval.py`, run by `benchmarks/plan_accuracy.py --residuals FILE`)
-predicts every bundled row from a fit that never saw it; `data/cv_residuals.csv` keeps each
-row's log(measured / predicted) for TTFT and TPOT with its fold, mode and backend. The
+Cross-validation (`crossval.py`, run by `benchmarks/plan_accuracy.py --loso --no-kfold
+--residuals FILE`) predicts every bundled row from a fit that never saw its GPU system
+(leave-one-system-out: the situation of a user asking about hardware not in the data);
+`data/cv_residuals.csv` keeps each row's log(measured / predicted) for TTFT and TPOT with its
+fold (the held-out system), mode and backend. The
 interval at level L is [p x exp(q_lo), p x exp(q_hi)], q the (1-L)/2 and (1+L)/2 quantiles
 of those held-out log ratios of the same mode and backend (of the same mode alone when that
 group has fewer than `MIN_ROWS`, of all rows when the mode is unknown). Nothing here fits
@@ -164,7 +166,7 @@ def main() -> None:
     bars = build(res)
     out = {
         "source": "data/cv_residuals.csv: held-out log(measured/predicted) of "
-        "benchmarks/plan_accuracy.py --residuals (grouped 5-fold by series); "
+        "benchmarks/plan_accuracy.py --loso --no-kfold --residuals (leave-one-system-out); "
         "python -m tokenfab.factory.errorbars",
         "rows": len(res),
         **bars.to_dict(),
