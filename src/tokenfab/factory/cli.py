@@ -263,6 +263,8 @@ def _with_interval(c, q) -> dict:
     from tokenfab.factory.errorbars import bundled_error_bars
 
     bars = bundled_error_bars()
+    if not bars.known:
+        return c.to_dict()
     p = c.prediction
     (tl, th), (pl, ph) = bars.interval(c.mode, q.backend, p.ttft_ms, p.tpot_ms)
     lo, hi = bars.throughput_factors(c.mode, q.backend, p.ttft_ms, p.tpot_ms, q.osl)
@@ -412,8 +414,8 @@ def _print_plan(result, econ: dict, top: int) -> None:
             escape(c.describe()),
             str(c.gpus_used),
             str(c.users),
-            f"{p.ttft_ms:,.0f} ({tl:,.0f}-{th:,.0f})",
-            f"{p.tpot_ms:.1f} ({pl:.1f}-{ph:.1f})",
+            f"{p.ttft_ms:,.0f} ({tl:,.0f}-{th:,.0f})" if bars.known else f"{p.ttft_ms:,.0f}",
+            f"{p.tpot_ms:.1f} ({pl:.1f}-{ph:.1f})" if bars.known else f"{p.tpot_ms:.1f}",
             f"{c.tokens_per_s_per_user:,.1f}",
             f"{c.tokens_per_s_per_gpu:,.0f}",
             f"{c.tokens_per_s_per_mw / 1e6:.2f}M",
@@ -433,8 +435,14 @@ def _print_plan(result, econ: dict, top: int) -> None:
         lo, hi = bars.throughput_factors(best.mode, q.backend, p.ttft_ms, p.tpot_ms, q.osl)
         con.print(
             f"[bold green]Best within limits:[/] {best.mode} {escape(best.describe())} - "
-            f"{best.tokens_per_s_per_gpu:,.0f} tok/s/GPU ({bars.level:.0%} range "
-            f"{best.tokens_per_s_per_gpu * lo:,.0f}-{best.tokens_per_s_per_gpu * hi:,.0f}), "
+            f"{best.tokens_per_s_per_gpu:,.0f} tok/s/GPU"
+            + (
+                f" ({bars.level:.0%} range {best.tokens_per_s_per_gpu * lo:,.0f}-"
+                f"{best.tokens_per_s_per_gpu * hi:,.0f})"
+                if bars.known
+                else ""
+            )
+            + ", "
             f"{best.tokens_per_s_per_user:,.1f} "
             f"tok/s/user, TTFT {p.ttft_ms:,.0f} ms, TPOT {p.tpot_ms:.1f} ms, "
             f"{best.users} users on {best.gpus_used}/{q.gpus} GPUs, {best.tokens_per_s:,.0f} tok/s"

@@ -100,6 +100,10 @@ def capacity(c: Candidate, q: PlanQuery, bars: ErrorBars) -> dict:
     p = c.prediction
     (tl, th), (pl, ph) = bars.interval(c.mode, q.backend, p.ttft_ms, p.tpot_ms)
     lo, hi = bars.throughput_factors(c.mode, q.backend, p.ttft_ms, p.tpot_ms, q.osl)
+    if not bars.known:  # no held-out errors shipped: no interval rather than a point
+        return {"users": c.users, "requests_per_s": round(c.replicas * p.requests_per_s, 4),
+                "tokens_per_s_per_gpu": round(c.tokens_per_s_per_gpu, 3),
+                "ttft_ms": round(p.ttft_ms, 3), "tpot_ms": round(p.tpot_ms, 4)}  # fmt: skip
     return {
         "users": c.users,
         "requests_per_s": round(c.replicas * p.requests_per_s, 4),

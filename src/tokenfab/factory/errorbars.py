@@ -50,6 +50,11 @@ class ErrorBars:
     level: float
     groups: dict[str, dict[str, tuple[float, float]]]
 
+    @property
+    def known(self) -> bool:
+        """False when no held-out errors were shipped (every interval would be a point)."""
+        return bool(self.groups)
+
     def factors(self, mode: str, backend: str) -> dict[str, tuple[float, float]]:
         for key in (f"{mode}/{backend}", mode, "all"):
             if key in self.groups:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenfab.factory.errorbars import bundled_error_bars
 from tokenfab.factory.search import SearchResult
 
 MODE_STYLE = {"agg": ("tab:blue", "o"), "disagg": ("tab:orange", "s")}
@@ -40,8 +41,6 @@ def _band(result: SearchResult, front, yf) -> tuple[list[float], list[float]]:
     sit at the fast end of the error bars, then back along the slow end. A point moves
     along both axes, since tokens/s per user is 1 / TPOT and throughput follows TTFT and
     TPOT together."""
-    from tokenfab.factory.errorbars import bundled_error_bars
-
     bars = bundled_error_bars()
     q = result.query
     fast, slow = [], []
@@ -79,9 +78,10 @@ def plot_search(result: SearchResult, path: Path) -> Path:
                 color=color,
                 linewidths=0,
             )
-            if front:
+            if front and bundled_error_bars().known:
                 bx, by = _band(result, front, yf)
                 ax.fill(bx, by, color=color, alpha=0.12, linewidth=0, label=f"{mode} 80% band")
+            if front:
                 ax.plot(
                     [c.tokens_per_s_per_user for c in front],
                     [yf(c) for c in front],

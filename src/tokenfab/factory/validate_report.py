@@ -96,8 +96,8 @@ def _print_table(path: Path, summary: dict, results, skipped) -> None:
     bars = bundled_error_bars()
     con = Console()
     t = Table(title=f"tokenfab plan validate: {path.name}")
-    cols = ("row", "backend", "TTFT ms", "80% range", "meas", "err %")
-    cols += ("TPOT ms", "80% range", "meas", "err %")
+    cols = ("row", "backend", "TTFT ms", f"{bars.level:.0%} range", "meas", "err %")
+    cols += ("TPOT ms", f"{bars.level:.0%} range", "meas", "err %")
     for col in cols:
         t.add_column(col, justify="left" if col in ("row", "backend") else "right")
     for r in results:
@@ -106,11 +106,11 @@ def _print_table(path: Path, summary: dict, results, skipped) -> None:
             r.row_id[:60],
             r.backend,
             _fmt(r.ttft_ms),
-            f"{tl:.0f}-{th:.0f}",
+            f"{tl:.0f}-{th:.0f}" if bars.known else "-",
             _fmt(r.ttft_meas),
             _fmt(r.ttft_ape),
             _fmt(r.tpot_ms, 2),
-            f"{pl:.1f}-{ph:.1f}",
+            f"{pl:.1f}-{ph:.1f}" if bars.known else "-",
             _fmt(r.tpot_meas, 2),
             _fmt(r.tpot_ape),
         )
