@@ -108,7 +108,7 @@ def main() -> None:
         )
         report[name] = summarize(res, rows, len(skipped), bars)
         report[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        # the same held-out predictions by kind of row, then the same fits' physics alone
+        # the same held-out predictions by kind of row
         report.update(_by_kind(f"  {name}: ", cases, res))
         if name == "leave-one-system-out":  # how each GPU system fares when it is the new one
             for sysname in sorted({c.system.key for c in cases}):
