@@ -1,9 +1,10 @@
 """Accuracy of the factory model on measured serving data, under cross-validation.
 
 For each split the calibration is refitted from the uncalibrated defaults on the training
-folds, the measured anchors are rebuilt from the training folds, and every held-out row is
-predicted; the script prints TTFT/TPOT MdAPE and p90 APE, with anchors and (the same fits)
-physics only.
+folds and every held-out row is predicted with exactly what `tokenfab plan` uses; the script
+prints TTFT/TPOT MdAPE and p90 APE, by kind of row, and the share of held-out rows inside the
+shipped 80% error bars. `--residuals FILE` writes each held-out row's log(measured /
+predicted) of the last split run (the source of `data/error_bars.json`).
 
 Splits:
 - random 5-fold (rows at random),
@@ -14,7 +15,7 @@ Splits:
   outside the file will be predicted; one fit per system).
 
     .venv/bin/python benchmarks/plan_accuracy.py [--data FILE] [--folds 5] [--lomo] [--loso]
-        [--no-random | --no-grouped | --no-kfold] [--json]
+        [--no-random | --no-grouped | --no-kfold] [--residuals FILE] [--json]
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from tokenfab.factory.calibrate import cross_validate, kfold
+from tokenfab.factory.crossval import cross_validate, kfold
+from tokenfab.factory.errorbars import bundled_error_bars, log_ratio, write_residuals
 from tokenfab.factory.measured import load_cases
 from tokenfab.factory.serving import AggDeployment
 from tokenfab.factory.validate import predict_cases, summarize
@@ -48,7 +50,7 @@ def _by_kind(label: str, cases, results) -> dict[str, dict]:
     out = {}
     for kind in ("agg", "disagg, pools given", "disagg, pools inferred"):
         sub = [r for c, r in zip(cases, results, strict=True) if _kind(c) == kind]
-        out[label + kind] = summarize(sub, len(sub), 0)
+        out[label + kind] = summarize(sub, len(sub), 0, bundled_error_bars())
     return out
 
 
@@ -67,6 +69,9 @@ def main() -> None:
     ap.add_argument(
         "--no-random", action="store_true", help="grouped k-fold only (skip the random split)"
     )
+    ap.add_argument(
+        "--residuals", type=Path, help="write the last split's held-out log errors here"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -75,11 +80,9 @@ def main() -> None:
     report: dict[str, dict] = {}
 
     t = time.perf_counter()
-    report["in-sample physics, leave-one-out anchors (bundled)"] = summarize(
-        predict_cases(cases), rows, len(skipped)
-    )
-    report["in-sample physics only (bundled)"] = summarize(
-        predict_cases(cases, physics_only=True), rows, len(skipped)
+    bars = bundled_error_bars()
+    report["in-sample (bundled calibration)"] = summarize(
+        predict_cases(cases), rows, len(skipped), bars
     )
     splits = {}
     if not args.no_kfold:
@@ -103,17 +106,23 @@ def main() -> None:
             sweeps=args.sweeps,
             progress=lambda m, n=name: print(f"  {n}: {m}", flush=True),
         )
-        report[name] = summarize(res, rows, len(skipped))
+        report[name] = summarize(res, rows, len(skipped), bars)
         report[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        # the same held-out predictions by kind of row, then the same fits' physics alone
+        # the same held-out predictions by kind of row
         report.update(_by_kind(f"  {name}: ", cases, res))
         if name == "leave-one-system-out":  # how each GPU system fares when it is the new one
             for sysname in sorted({c.system.key for c in cases}):
                 sub = [r for c, r in zip(cases, res, strict=True) if c.system.key == sysname]
-                report[f"  {name}: {sysname} held out"] = summarize(sub, len(sub), 0)
-        phys = [r.physics() for r in res]
-        report[f"  {name}: physics only"] = summarize(phys, rows, len(skipped))
-        report.update(_by_kind(f"  {name}: physics only, ", cases, phys))
+                report[f"  {name}: {sysname} held out"] = summarize(sub, len(sub), 0, bars)
+        if args.residuals:
+            write_residuals(
+                args.residuals,
+                [
+                    (c.row_id, f, r.mode, r.backend, log_ratio(r.ttft_ms, r.ttft_meas),
+                     log_ratio(r.tpot_ms, r.tpot_meas))
+                    for c, f, r in zip(cases, folds, res, strict=True)
+                ],
+            )  # fmt: skip
 
     if args.json:
         print(json.dumps(report, indent=1))
@@ -122,14 +131,16 @@ def main() -> None:
         f"\n{args.data.name}: {rows} rows, {len(skipped)} skipped ({time.perf_counter() - t:.0f}s)"
     )
     head = f"{'split':58s} {'rows':>5s} {'TTFT MdAPE':>10s} {'p90':>7s} {'TPOT MdAPE':>10s} {'p90':>7s}"
-    print(head)
+    print(head + f" {'in 80% bars (TTFT/TPOT)':>24s}")
     for name, s in report.items():
         vals = [s[k] for k in ("ttft_mdape", "ttft_p90_ape", "tpot_mdape", "tpot_p90_ape")]
         # a kind of row the file does not have summarizes to None
         cells = ["-" if v is None else f"{v:.1f}%" for v in vals]
+        cover = [s.get(k) for k in ("ttft_in_interval", "tpot_in_interval")]
+        bars = " / ".join("-" if v is None else f"{100 * v:.0f}%" for v in cover)
         print(
             f"{name:58s} {s['predicted']:5d} {cells[0]:>10s} {cells[1]:>7s} "
-            f"{cells[2]:>10s} {cells[3]:>7s}"
+            f"{cells[2]:>10s} {cells[3]:>7s} {bars:>24s}"
         )
 
 

@@ -90,7 +90,7 @@ def tokenfab_on_aic_layout(q: Question, row: dict) -> dict | None:
         precision=q.precision,
     )  # fmt: skip
     dep = AggDeployment(lay, int(row["bs"]) * dp, q.isl, q.osl)
-    from tokenfab.factory.calibrate import bundled_calibration
+    from tokenfab.factory.params import bundled_calibration
 
     cal = bundled_calibration("trtllm")
     p = predict(load_model_spec(q.model), get_system(q.tf_system), dep, cal)

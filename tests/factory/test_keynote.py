@@ -35,6 +35,12 @@ def test_keynote_report() -> None:
     c25 = rep.claims[2]
     solid = c25.figures["max_ratio_where_hopper_above_10pct_of_peak"]
     assert (c25.verdict == "supported") == (solid >= 0.8 * 25)
+    # 25x is the hardware alone (both aggregated); 40x adds Dynamo's disaggregated serving,
+    # which can only add options: its ratio is at least the aggregated one
+    c40 = rep.claims[3]
+    key = "max_ratio_where_hopper_above_10pct_of_peak"
+    assert "agg" in c25.why and "Dynamo" in c40.why
+    assert c40.figures[key] >= c25.figures[key] - 1e-9
 
 
 def test_keynote_cli_json_and_plot(tmp_path) -> None:

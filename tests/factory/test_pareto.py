@@ -50,3 +50,32 @@ def test_pareto_front_on_objects_and_value_at() -> None:
     assert value_at(fx, fy, 40) == 60  # the 50 tok/s/user point still qualifies
     assert value_at(fx, fy, 5) == 100
     assert value_at(fx, fy, 101) == 0.0
+
+
+def test_marginal_points_are_pruned():
+    from tokenfab.factory.pareto import marginal_mask
+
+    # x = tokens/s/user ascending, y = tokens/s/GPU descending (a frontier)
+    x = [10.0, 50.0, 100.0, 110.0, 160.0]
+    y = [900.0, 400.0, 100.0, 20.0, 10.0]
+    keep = marginal_mask(x, y, 1.15, 2.0)
+    # 110 is within 15% of 100 at a fifth of its throughput; 160 is 45% faster than 110: kept
+    assert keep.tolist() == [True, True, True, False, True]
+
+
+def test_plan_frontier_has_no_dear_points():
+    from tokenfab.factory.catalog import get_system
+    from tokenfab.factory.modelspec import load_model_spec
+    from tokenfab.factory.search import PRUNE_GPU_COST, PRUNE_USER_GAIN, PlanQuery, run_search
+
+    q = PlanQuery(load_model_spec("deepseek-ai/DeepSeek-R1"), get_system("gb200"), 72, 1024,
+                  1024, 2000.0, 50.0, "fp8")  # fmt: skip
+    r = run_search(q)
+    f = r.frontier
+    for a in f:
+        for b in f:
+            dear = (b.tokens_per_s_per_user * PRUNE_USER_GAIN >= a.tokens_per_s_per_user
+                    and b.tokens_per_s_per_gpu >= PRUNE_GPU_COST * a.tokens_per_s_per_gpu)  # fmt: skip
+            assert not dear or a is r.best
+    assert any("not shown" in n for n in r.notes)
+    assert r.best is not None and r.best in f

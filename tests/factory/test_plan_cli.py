@@ -102,3 +102,43 @@ def test_system_without_default_price_still_plans(runner: CliRunner) -> None:
     assert res.exit_code == 0, res.output
     e = json.loads(res.stdout)["economics"]
     assert e["usd_per_mtok"] is None and e["tokens_per_s_per_mw"] > 0
+
+
+def test_unknown_hf_id_says_pass_a_config_json(runner: CliRunner) -> None:
+    res = runner.invoke(app, ["plan", "-m", "acme/Brand-New-13B", "-s", "h100", "--json"])
+    assert res.exit_code == 2
+    err = res.stderr.strip()
+    assert err.startswith("error: unknown model 'acme/Brand-New-13B'") and "\n" not in err
+    assert "config.json" in err
+    res = runner.invoke(app, ["plan", "-m", "/nonexistent/config.json", "-s", "h100"])
+    assert res.exit_code == 2 and "no such config file" in res.stderr
+
+
+def test_default_limits_pick_an_interactive_point(runner: CliRunner) -> None:
+    res = runner.invoke(app, [*SMALL, "--json"])
+    d = json.loads(res.stdout)
+    assert d["query"]["ttft_ms"] == 2000 and d["query"]["tpot_ms"] == 50
+    assert d["best"]["ttft_ms"] <= 2000 and d["best"]["tpot_ms"] <= 50
+    # 0 lifts a limit: the best point is then the most tokens/s per GPU there is
+    res = runner.invoke(app, [*SMALL, "--ttft", "0", "--tpot", "0", "--json"])
+    free = json.loads(res.stdout)
+    assert free["query"]["ttft_ms"] is None and free["query"]["tpot_ms"] is None
+    assert free["best"]["tokens_per_s_per_gpu"] >= d["best"]["tokens_per_s_per_gpu"]
+    bad = runner.invoke(app, [*SMALL, "--ttft", "-1"])
+    assert bad.exit_code == 2 and "--ttft" in bad.stderr
+
+
+def test_frontier_carries_error_bars(runner: CliRunner) -> None:
+    from tokenfab.factory.errorbars import bundled_error_bars
+
+    if not bundled_error_bars().known:
+        pytest.skip("no data/error_bars.json shipped")
+    d = json.loads(runner.invoke(app, [*SMALL, "--json"]).stdout)
+    for c in [d["best"], *d["frontier"]]:
+        lo, hi = c["ttft_ms_interval"]
+        assert lo <= c["ttft_ms"] <= hi
+        lo, hi = c["tpot_ms_interval"]
+        assert lo <= c["tpot_ms"] <= hi
+        lo, hi = c["tokens_per_s_per_gpu_interval"]
+        assert lo <= c["tokens_per_s_per_gpu"] <= hi
+        assert c["interval_level"] == 0.8

@@ -126,7 +126,7 @@ def test_checkpoint_precision() -> None:
 
 
 def test_best_batch_is_refined_to_the_limit() -> None:
-    from tokenfab.factory.calibrate import bundled_calibration
+    from tokenfab.factory.params import bundled_calibration
     from tokenfab.factory.search import Candidate, _with_batch
     from tokenfab.factory.serving import predict
 

@@ -11,10 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from tokenfab.factory.cli import app
+from tokenfab.factory.errorbars import bundled_error_bars
 from tokenfab.factory.measured import case_from_row, concurrency_of, read_rows
 from tokenfab.factory.serving import AggDeployment, DisaggDeployment
 
 KEYS = {"rows", "predicted", "skipped", "ttft_mdape", "tpot_mdape", "ttft_p90_ape", "tpot_p90_ape"}
+if bundled_error_bars().known:  # the share inside the error bars, when they are shipped
+    KEYS |= {"ttft_in_interval", "tpot_in_interval"}
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +80,15 @@ def test_column_mapping(rows):
 
 
 def test_whole_bundled_file_predicted(bundled_csv):
-    from tokenfab.factory.validate import validate_file
+    from tokenfab.factory.validate_report import validate_file
 
     summary, results, skipped = validate_file(bundled_csv)
-    assert summary["rows"] == 3679 and summary["skipped"] == 0 and not skipped
+    assert summary["rows"] == 3298 and summary["skipped"] == 0 and not skipped
     assert all(r.ttft_ms > 0 and r.tpot_ms > 0 for r in results)
 
 
 def test_kfold_random_and_grouped(rows):
-    from tokenfab.factory.calibrate import kfold
+    from tokenfab.factory.crossval import kfold
 
     cases = [case_from_row(r) for r in rows[:200]]
     folds = kfold(cases, 5, seed=0)
@@ -119,3 +122,18 @@ def test_odd_quant_names_and_empty_values_still_predicted(tmp_path, rows):
     res = CliRunner().invoke(app, ["validate", "--data", str(f), "--json"])
     out = json.loads(res.output)
     assert out["predicted"] == 3 and out["skipped"] == 0
+
+
+def test_bundled_file_has_each_measurement_once(rows):
+    from tokenfab.factory.measured import dedupe_rows
+
+    kept, dropped = dedupe_rows(rows)
+    assert not dropped and len(kept) == len(rows)
+    # the same run exported again under another id and config id is one measurement
+    again = dict(rows[5], id="renamed", silicon_data_source=rows[5]["silicon_data_source"]
+                 .replace("config_id=", "config_id=9"))  # fmt: skip
+    kept, dropped = dedupe_rows([*rows[:10], again])
+    assert len(kept) == 10 and dropped == [("renamed", rows[5]["id"])]
+    # a re-measurement (other TTFT) is not a duplicate
+    other = dict(again, silicon_ttft_ms=str(float(rows[5]["silicon_ttft_ms"]) * 1.01))
+    assert len(dedupe_rows([*rows[:10], other])[0]) == 11

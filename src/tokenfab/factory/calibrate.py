@@ -6,10 +6,10 @@ serving-level ones. A few of them (the fixed software costs) differ by backend; 
 shared. They are fitted by robust Levenberg-Marquardt in log space minimizing a Cauchy loss of
 the log errors of TTFT and TPOT (the median error is what we report), then in rounds of a few
 coordinate pattern-search sweeps (LM stalls at kinks) and LM again until a round stops gaining,
-nothing per row or per model. The result ships in `data/calibration.json`; `bundled_calibration()` loads it.
+nothing per row or per model. The result ships in `data/calibration.json`;
+`params.bundled_calibration()` loads it. Cross-validation lives in `crossval.py`.
 
     python -m tokenfab.factory.calibrate            # refit; write data/calibration.json
-                                                    # and the anchors built on it
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields, replace
-from functools import cache
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from tokenfab.factory.measured import Case
+from tokenfab.factory.params import bundled_raw, calibration_from_dict, mean_backend
 from tokenfab.factory.perf import DEFAULT_CAL, Calibration
 from tokenfab.factory.serving import predict
 
@@ -68,36 +68,6 @@ BACKEND_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("prefill_chunk", 512.0, 32768.0),
 )
 BACKENDS = ("trtllm", "sglang", "vllm")
-
-
-def calibration_from_dict(d: dict) -> Calibration:
-    names = {f.name for f in fields(Calibration)}
-    return Calibration(**{k: float(v) for k, v in d.items() if k in names})
-
-
-@cache
-def _bundled_raw() -> dict:
-    f = resources.files("tokenfab.factory").joinpath("data/calibration.json")
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-@cache
-def bundled_calibration(backend: str | None = None) -> Calibration:
-    """The shipped calibration for a backend (unknown/None: the backends' geometric mean)."""
-    raw = _bundled_raw()
-    if not raw:
-        return DEFAULT_CAL
-    per = raw.get("backends", {})
-    if backend in per:
-        return calibration_from_dict({**raw["common"], **per[backend]})
-    return calibration_from_dict({**raw["common"], **_mean_backend(per)})
-
-
-def _mean_backend(per: dict[str, dict[str, float]]) -> dict[str, float]:
-    if not per:
-        return {}
-    keys = set.intersection(*(set(v) for v in per.values()))
-    return {k: float(np.exp(np.mean([np.log(v[k]) for v in per.values()]))) for k in keys}
 
 
 # ---- fitting ------------------------------------------------------------------------------
@@ -273,7 +243,7 @@ def fit(
             # a parameter that moved between shared and per backend starts from its old value
             src = common if b is None else {**common, **start.get("backends", {}).get(b, {})}
             if b is None and n not in src:
-                src = _mean_backend(start.get("backends", {}))
+                src = mean_backend(start.get("backends", {}))
             if n in src:
                 x0[i] = src[n]
     x, best = levenberg_marquardt(obj, x0, obj.bounds, iters=sweeps, progress=progress)
@@ -296,63 +266,10 @@ def fit(
 def cals_from_fit(result: dict) -> Callable[[str], Calibration]:
     def cal_for(backend: str) -> Calibration:
         per = result["backends"]
-        extra = per.get(backend) or _mean_backend(per)
+        extra = per.get(backend) or mean_backend(per)
         return calibration_from_dict({**asdict(DEFAULT_CAL), **result["common"], **extra})
 
     return cal_for
-
-
-def kfold(cases: Sequence[Case], k: int, seed: int = 0, key=None) -> list[int]:
-    """Fold index per case: random (`key` None) or grouped so all cases with the same
-    `key(case)` fall in one fold (e.g. a whole concurrency sweep, or a whole model)."""
-    rng = np.random.default_rng(seed)
-    if key is None:
-        idx = rng.permutation(len(cases))
-        folds = [0] * len(cases)
-        for j, i in enumerate(idx):
-            folds[i] = j % k
-        return folds
-    groups = sorted({key(c) for c in cases}, key=str)
-    order = rng.permutation(len(groups))
-    # greedy balance: biggest groups first onto the lightest fold
-    sizes = {g: 0 for g in groups}
-    for c in cases:
-        sizes[key(c)] += 1
-    load = [0] * k
-    where: dict = {}
-    for gi in sorted(order, key=lambda i: -sizes[groups[i]]):
-        f = int(np.argmin(load))
-        where[groups[gi]] = f
-        load[f] += sizes[groups[gi]]
-    return [where[key(c)] for c in cases]
-
-
-def cross_validate(
-    cases: Sequence[Case],
-    folds: Sequence[int],
-    sweeps: int = 25,
-    progress: Callable[[str], None] | None = None,
-):
-    """Fit on all folds but one, predict the held-out one, for every fold. Each fit starts
-    from the uncalibrated defaults and the anchors are built from the training folds only,
-    so nothing of the held-out rows leaks in. Returns the held-out RowResults in case order
-    (`RowResult.physics()` gives the physics-only prediction of the same fit)."""
-    from tokenfab.factory.anchors import build_anchors
-    from tokenfab.factory.validate import predict_cases
-
-    out: list = [None] * len(cases)
-    for f in sorted(set(folds)):
-        train = [c for c, g in zip(cases, folds, strict=True) if g != f]
-        test_idx = [i for i, g in enumerate(folds) if g == f]
-        result = fit(train, sweeps=sweeps)
-        cal_for = cals_from_fit(result)
-        anchors = build_anchors(train, predict_cases(train, cal_for))
-        preds = predict_cases([cases[i] for i in test_idx], cal_for, anchors)
-        for i, r in zip(test_idx, preds, strict=True):
-            out[i] = r
-        if progress:
-            progress(f"fold {f}: trained on {len(train)}, predicted {len(test_idx)}")
-    return out
 
 
 def main() -> None:
@@ -365,17 +282,13 @@ def main() -> None:
     t0 = time.perf_counter()
     result = fit(
         cases,
-        start=_bundled_raw() or None,
+        start=bundled_raw() or None,
         progress=lambda i, v: print(f"iter {i}: loss {v:.4f} ({time.perf_counter() - t0:.0f}s)"),
     )
     result["fitted_on"] = f"measured_serving.csv ({len(cases)} rows)"
     out = Path(str(resources.files("tokenfab.factory").joinpath("data/calibration.json")))
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
-    from tokenfab.factory.anchors import write_bundled
-    from tokenfab.factory.validate import predict_cases
-
-    print(f"wrote {write_bundled(cases, predict_cases(cases, cals_from_fit(result)))}")
 
 
 if __name__ == "__main__":

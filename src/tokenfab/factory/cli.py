@@ -45,8 +45,12 @@ def plan(
     gpus: int = typer.Option(8, "--gpus", "-n", help="GPUs available for the deployment."),
     isl: int = typer.Option(1024, "--isl", help="Input (prompt) tokens per request."),
     osl: int = typer.Option(1024, "--osl", help="Output tokens per request."),
-    ttft: float | None = typer.Option(None, "--ttft", help="TTFT limit in ms."),
-    tpot: float | None = typer.Option(None, "--tpot", help="TPOT (inter-token) limit in ms."),
+    ttft: float | None = typer.Option(
+        None, "--ttft", help="TTFT limit in ms (default 2000; 0 = no limit)."
+    ),
+    tpot: float | None = typer.Option(
+        None, "--tpot", help="TPOT (inter-token) limit in ms (default 50; 0 = no limit)."
+    ),
     precision: str = typer.Option(
         "auto", "--precision", help="bf16 | fp8 | fp4 | auto (the checkpoint's own)."
     ),
@@ -66,6 +70,13 @@ def plan(
     csv_path: Path | None = typer.Option(None, "--csv", help="Write the frontier to this CSV."),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write the frontier PNG here."),
     top: int = typer.Option(25, "--top", help="Frontier rows shown in the table."),
+    emit_dir: Path | None = typer.Option(
+        None,
+        "--emit",
+        help="Write the best point's deployment here: deployment.json (roles, worker counts, "
+        "parallelism, engine backend and command — --backend, trtllm for auto —, planner "
+        "capacity with error bars), serve.sh, k8s.yaml.",
+    ),
 ) -> None:
     """Search layouts, batch sizes and aggregated/disaggregated splits; print the frontier."""
     if ctx.invoked_subcommand is not None:
@@ -87,6 +98,7 @@ def plan(
         from tokenfab.factory.plots import plot_search
 
         plot_search(result, plot_path)
+    emitted = _emit(result, econ, model, emit_dir) if emit_dir is not None else []
     if as_json:
         typer.echo(json.dumps(_finite(_plan_json(result, econ)), allow_nan=False))
         return
@@ -94,6 +106,21 @@ def plan(
     for label, p in (("frontier CSV", csv_path), ("plot", plot_path)):
         if p is not None:
             typer.echo(f"{label}: {p}")
+    for p in emitted:
+        typer.echo(f"emitted: {p}")
+
+
+def _emit(result, econ: dict, model: str, out_dir: Path) -> list[Path]:
+    """deployment.json, serve.sh and k8s.yaml of the best point (or, when none meets the
+    limits, of the point the economics describe, with a note)."""
+    from tokenfab.factory.deploy import emit
+    from tokenfab.factory.errorbars import bundled_error_bars
+
+    point = econ["point"]
+    try:
+        return emit(point, result.query, model, bundled_error_bars(), Path(out_dir))
+    except OSError as e:
+        raise _fail(f"cannot write {out_dir}: {e.strerror or e}") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -131,7 +158,14 @@ def _run_plan(
     from tokenfab.factory.catalog import get_system
     from tokenfab.factory.economics import economics, load_prices
     from tokenfab.factory.modelspec import load_model_spec
-    from tokenfab.factory.search import PlanError, PlanQuery, checkpoint_precision, run_search
+    from tokenfab.factory.search import (
+        DEFAULT_TPOT_MS,
+        DEFAULT_TTFT_MS,
+        PlanError,
+        PlanQuery,
+        checkpoint_precision,
+        run_search,
+    )
 
     modes = {"both": ("agg", "disagg"), "agg": ("agg",), "disagg": ("disagg",)}
     if mode not in modes:
@@ -150,6 +184,7 @@ def _run_plan(
         if v is not None and v <= 0:
             raise PlanError(f"{name} must be > 0, got {v}")
     prec = checkpoint_precision(model) if precision == "auto" else precision
+    ttft, tpot = _limit(ttft, DEFAULT_TTFT_MS, "--ttft"), _limit(tpot, DEFAULT_TPOT_MS, "--tpot")
     be = None if backend == "auto" else backend
     q = PlanQuery(spec, sysm, gpus, isl, osl, ttft, tpot, prec, modes[mode], be)
     result = run_search(q)
@@ -172,6 +207,17 @@ def _run_plan(
         note = book.gpu_hour_note.get(sysm.key, missing)
         source = book.gpu_hour_source.get(sysm.key, missing)
     return result, {"point": point, "econ": econ, "gpu_hour_note": note, "gpu_hour_source": source}
+
+
+def _limit(v: float | None, default: float, name: str) -> float | None:
+    """A latency limit: not given -> the default, 0 -> none, negative -> error."""
+    from tokenfab.factory.search import PlanError
+
+    if v is None:
+        return default
+    if v < 0:
+        raise PlanError(f"{name} must be >= 0 ms (0 = no limit), got {v:g}")
+    return v or None
 
 
 def _query_dict(result) -> dict:
@@ -211,6 +257,33 @@ def _econ_dict(econ: dict) -> dict:
     }
 
 
+def _with_interval(c, q) -> dict:
+    """A candidate's JSON with its error bars at the shipped level (80%): TTFT, TPOT and
+    the tokens/s per GPU and per user they imply."""
+    from tokenfab.factory.errorbars import bundled_error_bars
+
+    bars = bundled_error_bars()
+    if not bars.known:
+        return c.to_dict()
+    p = c.prediction
+    (tl, th), (pl, ph) = bars.interval(c.mode, q.backend, p.ttft_ms, p.tpot_ms)
+    lo, hi = bars.throughput_factors(c.mode, q.backend, p.ttft_ms, p.tpot_ms, q.osl)
+    return {
+        **c.to_dict(),
+        "interval_level": bars.level,
+        "ttft_ms_interval": [round(tl, 3), round(th, 3)],
+        "tpot_ms_interval": [round(pl, 4), round(ph, 4)],
+        "tokens_per_s_per_gpu_interval": [
+            round(c.tokens_per_s_per_gpu * lo, 3),
+            round(c.tokens_per_s_per_gpu * hi, 3),
+        ],
+        "tokens_per_s_per_user_interval": [
+            round(1000.0 / ph, 3) if ph > 0 else None,
+            round(1000.0 / pl, 3) if pl > 0 else None,
+        ],
+    }
+
+
 def _plan_json(result, econ: dict) -> dict:
     q = result.query
     best = result.best
@@ -223,16 +296,17 @@ def _plan_json(result, econ: dict) -> dict:
             "screened": result.screened,
             "candidates": len(result.candidates),
         },
-        "best": best.to_dict() if best else None,
+        "best": _with_interval(best, q) if best else None,
         "economics": {
             **_econ_dict(econ),
             "at": "best" if best else "max-throughput frontier point (no point met the limits)",
         },
         "frontier": [
-            {**c.to_dict(), "meets_limits": c.meets(q.ttft_ms, q.tpot_ms)} for c in result.frontier
+            {**_with_interval(c, q), "meets_limits": c.meets(q.ttft_ms, q.tpot_ms)}
+            for c in result.frontier
         ],
         "frontier_by_mode": {
-            m: [c.to_dict() for c in f] for m, f in result.frontier_by_mode.items()
+            m: [_with_interval(c, q) for c in f] for m, f in result.frontier_by_mode.items()
         },
         "notes": result.notes,
     }
@@ -304,6 +378,9 @@ def _print_plan(result, econ: dict, top: int) -> None:
         f"searched {result.layouts} layouts, {result.evaluated} predictions "
         f"({result.screened} disaggregated splits screened) in {result.seconds:.2f} s"
     )
+    from tokenfab.factory.errorbars import bundled_error_bars
+
+    bars = bundled_error_bars()
     gpu_hour = econ["econ"].usd_per_gpu_hour
     front = result.frontier
     shown = front
@@ -319,8 +396,8 @@ def _print_plan(result, econ: dict, top: int) -> None:
         ("deployment", "left"),
         ("GPUs", "right"),
         ("users", "right"),
-        ("TTFT ms", "right"),
-        ("TPOT ms", "right"),
+        (f"TTFT ms ({bars.level:.0%} range)", "right"),
+        (f"TPOT ms ({bars.level:.0%} range)", "right"),
         ("tok/s/user", "right"),
         ("tok/s/GPU", "right"),
         ("tok/s/MW", "right"),
@@ -331,13 +408,14 @@ def _print_plan(result, econ: dict, top: int) -> None:
     for c in shown:
         p = c.prediction
         ok = c.meets(q.ttft_ms, q.tpot_ms)
+        (tl, th), (pl, ph) = bars.interval(c.mode, q.backend, p.ttft_ms, p.tpot_ms)
         t.add_row(
             c.mode,
             escape(c.describe()),
             str(c.gpus_used),
             str(c.users),
-            f"{p.ttft_ms:,.0f}",
-            f"{p.tpot_ms:.1f}",
+            f"{p.ttft_ms:,.0f} ({tl:,.0f}-{th:,.0f})" if bars.known else f"{p.ttft_ms:,.0f}",
+            f"{p.tpot_ms:.1f} ({pl:.1f}-{ph:.1f})" if bars.known else f"{p.tpot_ms:.1f}",
             f"{c.tokens_per_s_per_user:,.1f}",
             f"{c.tokens_per_s_per_gpu:,.0f}",
             f"{c.tokens_per_s_per_mw / 1e6:.2f}M",
@@ -354,9 +432,18 @@ def _print_plan(result, econ: dict, top: int) -> None:
         )
     else:
         p = best.prediction
+        lo, hi = bars.throughput_factors(best.mode, q.backend, p.ttft_ms, p.tpot_ms, q.osl)
         con.print(
             f"[bold green]Best within limits:[/] {best.mode} {escape(best.describe())} - "
-            f"{best.tokens_per_s_per_gpu:,.0f} tok/s/GPU, {best.tokens_per_s_per_user:,.1f} "
+            f"{best.tokens_per_s_per_gpu:,.0f} tok/s/GPU"
+            + (
+                f" ({bars.level:.0%} range {best.tokens_per_s_per_gpu * lo:,.0f}-"
+                f"{best.tokens_per_s_per_gpu * hi:,.0f})"
+                if bars.known
+                else ""
+            )
+            + ", "
+            f"{best.tokens_per_s_per_user:,.1f} "
             f"tok/s/user, TTFT {p.ttft_ms:,.0f} ms, TPOT {p.tpot_ms:.1f} ms, "
             f"{best.users} users on {best.gpus_used}/{q.gpus} GPUs, {best.tokens_per_s:,.0f} tok/s"
         )
@@ -392,24 +479,18 @@ def validate(
     cv: int = typer.Option(
         0, "--cv", help="K-fold cross-validation: refit on K-1 folds of FILE, predict the rest."
     ),
-    physics_only: bool = typer.Option(
-        False,
-        "--physics-only",
-        help="The calibrated physics alone: no pull toward other measurements of the same "
-        "deployment (the measured anchors).",
-    ),
     out: Path | None = typer.Option(
         None, "--out", help="Also write every row's prediction, measurement and error as CSV."
     ),
 ) -> None:
     """Predict TTFT and TPOT for every row of a measured-serving CSV and report the errors.
 
-    A row whose deployment (backend, version, model, system, mode, precision) has other
-    measurements in the bundled data is pulled toward them; a row's own measurement is never
-    used for it. With --cv both the calibration and the anchors are rebuilt per fold."""
-    from tokenfab.factory.validate import run_validate
+    The prediction is exactly what `tokenfab plan` computes (the calibrated physics), with
+    its 80% error bar from cross-validated held-out errors; the JSON adds the share of rows
+    inside those bars. With --cv the calibration is refitted per fold of FILE."""
+    from tokenfab.factory.validate_report import run_validate
 
-    run_validate(data, as_json=as_json, cv=cv, physics_only=physics_only, out=out)
+    run_validate(data, as_json=as_json, cv=cv, out=out)
 
 
 @app.command("keynote")

@@ -232,3 +232,63 @@ def load_cases(path: Path) -> tuple[list[Case], list[tuple[str, str]]]:
         except (KeyError, ValueError) as e:
             skipped.append((row.get("id") or f"row {i + 1}", str(e).strip("'\"")))
     return cases, skipped
+
+
+# ---- de-duplication -----------------------------------------------------------------------
+
+# parts of `silicon_data_source` that identify the measurement itself, not the export that
+# carried it (database dumps and daily CSV files each give a row their own id and config id)
+_MEASURED = re.compile(r"measured=([^;]+)")
+
+
+def measurement_key(row: dict) -> tuple:
+    """What makes two rows the same measurement: every configuration column, the run's
+    concurrency and measurement day, and the measured TTFT/TPOT to the last digit. The id
+    and the rest of `silicon_data_source` (export batch, config id) are left out: the same
+    run exported twice differs only there."""
+    src = row.get("silicon_data_source") or ""
+    date = _MEASURED.search(src)
+    cols = tuple(sorted((k, v) for k, v in row.items() if k not in ("id", "silicon_data_source")))
+    # exports write the date as a day or as a timestamp: the day is what they share
+    return (cols, concurrency_of(row), date.group(1).strip()[:10] if date else "")
+
+
+def dedupe_rows(rows: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Rows with each measurement once (the first occurrence kept), and (dropped id, kept id)
+    for every duplicate."""
+    first: dict[tuple, str] = {}
+    kept, dropped = [], []
+    for row in rows:
+        k = measurement_key(row)
+        if k in first:
+            dropped.append((row.get("id", ""), first[k]))
+            continue
+        first[k] = row.get("id", "")
+        kept.append(row)
+    return kept, dropped
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tokenfab.factory.measured dedupe FILE`: rewrite FILE without duplicate
+    measurements, printing each dropped id next to the id kept."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "dedupe":
+        raise SystemExit("usage: python -m tokenfab.factory.measured dedupe FILE")
+    path = Path(args[1])
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fieldnames, rows = reader.fieldnames or [], list(reader)
+    kept, dropped = dedupe_rows(rows)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames, lineterminator="\r\n")
+        w.writeheader()
+        w.writerows(kept)
+    for d, k in dropped:
+        print(f"dropped {d} (same measurement as {k})")
+    print(f"{path}: {len(rows)} rows -> {len(kept)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -336,4 +336,10 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
         fn = hf.replace("/", "--") + "_config.json"
         cfg = json.loads(_data_dir().joinpath(fn).read_text())
         return ModelSpec.from_hf_config(cfg, hf)
-    raise KeyError(f"unknown model {name_or_path!r}; bundled: {', '.join(bundled_models())}")
+    if p.suffix == ".json":
+        raise KeyError(f"no such config file: {name_or_path}")
+    raise KeyError(
+        f"unknown model {name_or_path!r}: not in the bundled catalog; pass the model's "
+        f"Hugging Face config.json instead (--model path/to/config.json or a folder holding "
+        f"one); bundled: {', '.join(bundled_models())}"
+    )

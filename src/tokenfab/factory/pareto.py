@@ -54,3 +54,20 @@ def value_at(frontier_x: np.ndarray, frontier_y: np.ndarray, x_min: float) -> fl
     fy = np.asarray(frontier_y, dtype=float)
     mask = fx >= x_min
     return float(fy[mask].max()) if mask.any() else 0.0
+
+
+def marginal_mask(
+    x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, x_gain: float, y_cost: float
+) -> np.ndarray:
+    """Which frontier points (sorted by increasing x) are worth showing: a point is dropped
+    when another point reaches within a factor `x_gain` of its x while delivering at least
+    `y_cost` times its y. Such a point buys a sliver of x (interactivity) at a multiple of y
+    (e.g. one user on 72 GPUs for 10% faster tokens than nine users on the same GPUs).
+    The point of highest y always stays."""
+    xa = np.asarray(x, dtype=float)
+    ya = np.asarray(y, dtype=float)
+    keep = np.ones(len(xa), dtype=bool)
+    for i in range(len(xa)):
+        near = xa * x_gain >= xa[i]
+        keep[i] = not np.any(near & (ya >= y_cost * ya[i]))
+    return keep

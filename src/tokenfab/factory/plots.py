@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenfab.factory.errorbars import bundled_error_bars
 from tokenfab.factory.search import SearchResult
 
 MODE_STYLE = {"agg": ("tab:blue", "o"), "disagg": ("tab:orange", "s")}
@@ -35,9 +36,29 @@ def _pyplot():
     return plt
 
 
+def _band(result: SearchResult, front, yf) -> tuple[list[float], list[float]]:
+    """Polygon of a frontier's error band: every point moved to where its measurement would
+    sit at the fast end of the error bars, then back along the slow end. A point moves
+    along both axes, since tokens/s per user is 1 / TPOT and throughput follows TTFT and
+    TPOT together."""
+    bars = bundled_error_bars()
+    q = result.query
+    fast, slow = [], []
+    for c in front:
+        p = c.prediction
+        _, (pl, ph) = bars.interval(c.mode, q.backend, p.ttft_ms, p.tpot_ms)
+        lo, hi = bars.throughput_factors(c.mode, q.backend, p.ttft_ms, p.tpot_ms, q.osl)
+        x = c.tokens_per_s_per_user
+        fast.append((x * p.tpot_ms / pl, yf(c) * hi))
+        slow.append((x * p.tpot_ms / ph, yf(c) * lo))
+    pts = fast + slow[::-1]
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
 def plot_search(result: SearchResult, path: Path) -> Path:
-    """Two panels (tokens/s/GPU and tokens/s/MW vs tokens/s/user), agg and disagg frontiers,
-    every evaluated point faintly behind them, the best point under the limits starred."""
+    """Two panels (tokens/s/GPU and tokens/s/MW vs tokens/s/user), agg and disagg frontiers
+    with their 80% error bands shaded, every evaluated point faintly behind them, the best
+    point under the limits starred."""
     plt = _pyplot()
     q = result.query
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
@@ -57,6 +78,9 @@ def plot_search(result: SearchResult, path: Path) -> Path:
                 color=color,
                 linewidths=0,
             )
+            if front and bundled_error_bars().known:
+                bx, by = _band(result, front, yf)
+                ax.fill(bx, by, color=color, alpha=0.12, linewidth=0, label=f"{mode} 80% band")
             if front:
                 ax.plot(
                     [c.tokens_per_s_per_user for c in front],

@@ -30,7 +30,7 @@ import numpy as np
 
 from tokenfab.factory.catalog import PRECISIONS, System
 from tokenfab.factory.modelspec import ModelSpec
-from tokenfab.factory.pareto import pareto_indices
+from tokenfab.factory.pareto import marginal_mask, pareto_indices
 from tokenfab.factory.perf import (
     Calibration,
     Layout,
@@ -52,6 +52,16 @@ MIN_EXPERT_SLICE = 128  # MoE-TP keeps >= one tensor-core tile of each expert's 
 PIPELINE_STAGES = (1, 2, 4, 8)
 POLISH_TOP = 8  # best deployments whose batch is refined between grid steps
 MODES = ("agg", "disagg")
+# Limits applied when the user gives none: without them the "best" point is the one of most
+# tokens/s/GPU, a batch nobody would serve (66k users at 6 s TTFT for R1 on 72 GB200).
+# 2 s to first token and 50 ms per token (20 tokens/s, above reading speed) are the interactive
+# chat targets the engines' own benchmarks use.
+DEFAULT_TTFT_MS = 2000.0
+DEFAULT_TPOT_MS = 50.0
+# Frontier points bought dearly: at most 15% more tokens/s/user than another point that
+# serves twice the tokens/s per GPU (or more) are not shown.
+PRUNE_USER_GAIN = 1.15
+PRUNE_GPU_COST = 2.0
 BACKENDS = (None, "trtllm", "sglang", "vllm")
 
 
@@ -479,6 +489,18 @@ def _polish(q: PlanQuery, cands: list[Candidate], cal: Calibration) -> tuple[lis
     return out, n
 
 
+def _prune(front: list[Candidate]) -> tuple[list[Candidate], int]:
+    """The frontier without points that buy a sliver of interactivity at a multiple of the
+    GPUs (`pareto.marginal_mask`), and how many were dropped."""
+    keep = marginal_mask(
+        [c.tokens_per_s_per_user for c in front],
+        [c.tokens_per_s_per_gpu for c in front],
+        PRUNE_USER_GAIN,
+        PRUNE_GPU_COST,
+    )
+    return [c for c, k in zip(front, keep, strict=True) if k], int((~keep).sum())
+
+
 def _frontier(cands: list[Candidate]) -> list[Candidate]:
     if not cands:
         return []
@@ -492,7 +514,7 @@ def run_search(q: PlanQuery, cal: Calibration | None = None) -> SearchResult:
     """Enumerate, predict and rank; raises PlanError when nothing can run."""
     q.check()
     if cal is None:
-        from tokenfab.factory.calibrate import bundled_calibration
+        from tokenfab.factory.params import bundled_calibration
 
         cal = bundled_calibration(q.backend)
     t0 = time.perf_counter()
@@ -528,17 +550,28 @@ def run_search(q: PlanQuery, cal: Calibration | None = None) -> SearchResult:
         c, n = _polish(q, cands, cal)
         cands += c
         evaluated += n
-    by_mode = {m: _frontier([c for c in cands if c.mode == m]) for m in q.modes}
     ok = [c for c in cands if c.meets(q.ttft_ms, q.tpot_ms)]
     best = max(ok, key=lambda c: (c.tokens_per_s_per_gpu, c.tokens_per_s_per_user), default=None)
     if best is None:
         notes.append("no deployment meets the TTFT/TPOT limits")
     elif q.ttft_ms is None and q.tpot_ms is None:
-        notes.append("no --ttft/--tpot limits given: 'best' is the highest-throughput point")
+        notes.append(
+            "no TTFT/TPOT limits (--ttft 0 --tpot 0): 'best' is the highest-throughput point"
+        )
+    by_mode = {m: _prune(_frontier([c for c in cands if c.mode == m]))[0] for m in q.modes}
+    frontier, pruned = _prune(_frontier(cands))
+    if best is not None and best not in frontier:  # the answer is always on what is shown
+        frontier = sorted([*frontier, best], key=lambda c: c.tokens_per_s_per_user)
+    if pruned:
+        notes.append(
+            f"{pruned} frontier point(s) not shown: each is at most "
+            f"{PRUNE_USER_GAIN - 1:.0%} more interactive than a point serving "
+            f"{PRUNE_GPU_COST:g}x its tokens/s per GPU or more"
+        )
     return SearchResult(
         query=q,
         candidates=cands,
-        frontier=_frontier(cands),
+        frontier=frontier,
         frontier_by_mode=by_mode,
         best=best,
         evaluated=evaluated,

@@ -149,12 +149,22 @@ def predict_agg(
     )
 
 
-def kv_transfer_time(model: ModelSpec, system: System, lay: Layout, isl: int) -> float:
-    """Moving one prompt's KV from a prefill to a decode worker over the scale-out network
-    (all the worker's NICs in parallel)."""
-    kvb = 1.0 if lay.kv_dtype == "fp8" else 2.0
+def kv_transfer_time(
+    model: ModelSpec, system: System, pl: Layout, dl: Layout, isl: int, unit_gpus: int
+) -> float:
+    """Moving one prompt's KV from a prefill to a decode worker. A prompt lives on one
+    attention rank (tp x pp GPUs) on each side, so that rank's links carry it, not the
+    whole worker's: GQA KV is split over up to the KV-head count of TP ranks and over the
+    pipeline stages, MLA latents are whole on every TP rank. The link is NVLink when the
+    prefill + decode unit sits inside one scale-up domain (NIXL/UCX move it GPU to GPU
+    there, e.g. GB200 NVL72), the scale-out NIC otherwise."""
+    kvb = 1.0 if pl.kv_dtype == "fp8" else 2.0
     nbytes = model.kv_bytes_per_token(kvb, isl) * isl
-    return nbytes / (system.scaleout_gbps * 1e9 * lay.num_gpus)
+    split = 1 if model.attention == "mla" else min(pl.tp, dl.tp, model.num_kv_heads)
+    lanes = split * min(pl.pp, dl.pp)
+    inside = unit_gpus <= system.scaleup_size
+    gbps = system.scaleup_gbps if inside else system.scaleout_gbps
+    return nbytes / (gbps * 1e9 * lanes)
 
 
 def max_decode_batch(
@@ -243,7 +253,9 @@ def predict_disagg(
     t_p = prefill_time(model, system, pl, pb, isl, cal)
     t_one = prefill_time(model, system, pl, 1, isl, cal) if pb > 1 else t_p
     capacity = dep.prefill_workers * pb / t_p
-    t_first = t_one + kv_transfer_time(model, system, pl, isl) + cal.first_steps * tpot
+    gpus = pl.num_gpus * dep.prefill_workers + dl.num_gpus * dep.decode_workers
+    t_kv = kv_transfer_time(model, system, pl, dl, isl, gpus)
+    t_first = t_one + t_kv + cal.first_steps * tpot
     t_first += (cal.ttft_ms + cal.disagg_ms) * 1e-3
     # requests of a closed-loop benchmark arrive in waves (all users start together and
     # finish together): a request waits for part of its wave's prompts, as in aggregated mode
@@ -251,7 +263,6 @@ def predict_disagg(
     wave = dqw * (c - 1) / 2.0 / capacity
     ttft = max(_closed_loop_ttft(c, osl, tpot, t_first, capacity), t_first + wave)
     x = c / (ttft + (osl - 1) * tpot)
-    gpus = pl.num_gpus * dep.prefill_workers + dl.num_gpus * dep.decode_workers
     return Prediction(
         ttft_ms=ttft * 1e3,
         tpot_ms=tpot * 1e3,
@@ -274,7 +285,7 @@ def predict(
     """TTFT/TPOT/throughput of a deployment. `cal` defaults to the bundled calibration
     (for `backend` — trtllm, sglang, vllm — when given)."""
     if cal is None:
-        from tokenfab.factory.calibrate import bundled_calibration
+        from tokenfab.factory.params import bundled_calibration
 
         cal = bundled_calibration(backend)
     if isinstance(dep, AggDeployment):
