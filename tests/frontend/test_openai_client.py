@@ -123,6 +123,7 @@ def test_completions_echo_logprobs_and_stop(client: openai.OpenAI, server) -> No
     ).choices[0]  # fmt: skip
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert plain.startswith(cut.text)
+    assert cut.model_extra["stop_reason"] == stop  # vLLM's field: which stop string hit
 
 
 def test_completions_streaming_batch_prompts(client: openai.OpenAI, server) -> None:

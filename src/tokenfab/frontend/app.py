@@ -332,7 +332,13 @@ def build_app(state: FrontendState) -> FastAPI:
             if not d and lp is None and out.finish_reason is None:
                 return None
             reason = deltas[i].finish_reason(out.finish_reason)
-            return {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason}
+            return {
+                "index": i,
+                "delta": d,
+                "logprobs": lp,
+                "finish_reason": reason,
+                "stop_reason": out.stop_reason,
+            }
 
         def sse(c: dict | list[dict]) -> bytes:
             body = chunk(prep, state.model_name, obj, c if isinstance(c, list) else [c])
@@ -385,7 +391,13 @@ def build_app(state: FrontendState) -> FastAPI:
             s.text_len += len(text)
             if not text and lp is None and out.finish_reason is None:
                 return None
-            return {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
+            return {
+                "index": i,
+                "text": text,
+                "logprobs": lp,
+                "finish_reason": out.finish_reason,
+                "stop_reason": out.stop_reason,
+            }
 
         def sse(c: dict) -> bytes:
             body = chunk(prep, state.model_name, "text_completion", [c])

@@ -20,6 +20,8 @@ class ChoiceState:
     num_tokens: int = 0
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the choice (vLLM's field)."""
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     text_len: int = 0
@@ -39,6 +41,7 @@ class ChoiceState:
             self.num_cached_tokens = out.num_cached_tokens
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
+            self.stop_reason = out.stop_reason
 
 
 def usage(prep: Prepared, states: list[ChoiceState]) -> dict[str, Any]:
@@ -183,7 +186,7 @@ def chat_completion(
                 "finish_reason": "tool_calls"
                 if called and s.finish_reason == "stop"
                 else s.finish_reason,
-                "stop_reason": None,
+                "stop_reason": s.stop_reason,
             }
         )
     body = {
@@ -223,7 +226,7 @@ def text_completion(
             "text": prefix + "".join(s.text),
             "logprobs": logprobs,
             "finish_reason": s.finish_reason,
-            "stop_reason": None,
+            "stop_reason": s.stop_reason,
         }
         if prep.prompt_logprobs is not None:
             choice["prompt_logprobs"] = prompt_logprobs_body(
