@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
+
 from tokenfab.frontend.metrics import FrontendMetrics
 from tokenfab.frontend.workers import WorkerPool
 from tokenfab.protocol import GenerateOutput, GenerateRequest
@@ -20,6 +22,8 @@ from tokenfab.runtime import RemoteError, ResponseStream
 _END = object()
 MAX_ATTEMPTS = 3
 """Workers tried for one engine request whose worker vanishes before its first output."""
+MAX_MIGRATIONS = 2
+"""Times one engine request may move to another worker after its worker died mid-stream."""
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,9 @@ class Fanout:
         self._last: list[float | None] = [None] * len(requests)
         self._tasks: list[asyncio.Task[None]] = []
         self.finished = [False] * len(requests)
+        self._generated: list[list[int]] = [[] for _ in requests]
+        """Token ids each request has produced so far (what a migration continues from)."""
+        self._migrations = [0] * len(requests)
 
     async def start(self) -> list[GenerateOutput]:
         """Send every request and wait for each one's first output, so that admission errors
@@ -63,6 +70,7 @@ class Fanout:
             raise errors[0]
         outs = [f for f in firsts if isinstance(f, GenerateOutput)]
         for i, out in enumerate(outs):
+            self._generated[i].extend(out.token_ids)
             self._observe(i, out)
         return outs
 
@@ -92,13 +100,30 @@ class Fanout:
         queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
 
         async def pump(i: int, stream: ResponseStream[GenerateOutput]) -> None:
-            try:
-                async for out in stream:
-                    queue.put_nowait((i, out))
-            except Exception as e:  # handed to the consumer, which raises it
-                queue.put_nowait((i, e))
+            migrated = False
+            while True:
+                try:
+                    async for out in stream:
+                        self._generated[i].extend(out.token_ids)
+                        if migrated:
+                            self._continued(i, out)
+                        queue.put_nowait((i, out))
+                except RemoteError as e:
+                    if e.code != "unavailable" or not self._can_migrate(i):
+                        queue.put_nowait((i, e))
+                        return
+                    try:
+                        stream = await self._migrate(i, stream.instance_id, str(e))
+                    except Exception as again:  # no worker took it: the client sees the error
+                        queue.put_nowait((i, again))
+                        return
+                    migrated = True
+                    continue
+                except Exception as e:  # handed to the consumer, which raises it
+                    queue.put_nowait((i, e))
+                    return
+                queue.put_nowait((i, _END))
                 return
-            queue.put_nowait((i, _END))
 
         loop = asyncio.get_running_loop()
         pending = 0
@@ -121,6 +146,48 @@ class Fanout:
                 yield i, item
         finally:
             self.cancel()
+
+    def _can_migrate(self, i: int) -> bool:
+        # A grammar's state lives in the dead engine: a continuation would restart it.
+        req = self._requests[i]
+        return self._migrations[i] < MAX_MIGRATIONS and req.sampling.structured is None
+
+    async def _migrate(self, i: int, dead: str, why: str) -> ResponseStream[GenerateOutput]:
+        """Continue request `i` on another worker: its prompt plus the tokens generated so far
+        as the new prompt, the rest of its budget as max_tokens. Greedy output continues
+        exactly (the new engine's detokenizer is seeded with the last tokens, so text joins);
+        a seeded sampler starts its stream afresh."""
+        req = self._requests[i]
+        done = self._generated[i]
+        sp = req.sampling
+        left = None if sp.max_tokens is None else sp.max_tokens - len(done)
+        if left is not None and left < 1:
+            raise RemoteError("unavailable", why)
+        self._migrations[i] += 1
+        cont = GenerateRequest(
+            request_id=f"{req.request_id}-m{self._migrations[i]}",
+            prompt_token_ids=req.prompt_token_ids + done,
+            sampling=msgspec.structs.replace(
+                sp,
+                max_tokens=left,
+                min_tokens=max(0, sp.min_tokens - len(done)),
+                prompt_logprobs=None,
+            ),
+            cache_salt=req.cache_salt,
+            lora_name=req.lora_name,
+        )
+        log.warning("request %s: %s; continuing on another worker", req.request_id, why)
+        self._metrics.migrations.inc()
+        stream = await self._pool.generate(cont, exclude=[dead])
+        self._streams[i] = stream
+        return stream
+
+    def _continued(self, i: int, out: GenerateOutput) -> None:
+        """A continuation's counts describe its longer prompt; the client's usage keeps the
+        original's."""
+        if out.num_prompt_tokens:
+            out.num_prompt_tokens = 0
+            out.num_cached_tokens = 0
 
     def _observe(self, i: int, out: GenerateOutput) -> None:
         now = time.monotonic()

@@ -169,6 +169,11 @@ class FrontendMetrics:
         self.generation_tokens = Counter(
             "tokenfab_generation_tokens", "Tokens generated for clients.", registry=r
         )
+        self.migrations = Counter(
+            "tokenfab_request_migrations",
+            "Engine requests continued on another worker after theirs died mid-stream.",
+            registry=r,
+        )
         self.finished = Counter(
             "tokenfab_request_finished",
             "Finished generations by finish reason.",
