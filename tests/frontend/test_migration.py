@@ -41,7 +41,7 @@ def _stream(client: openai.OpenAI, model: str, i: int, started: threading.Event)
     return tokens
 
 
-def _run_all(url: str, kill: int | None) -> list[list[str]]:
+def _run_all(url: str, kill: int | None, sig: int = signal.SIGKILL) -> list[list[str]]:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
     model = client.models.list().data[0].id
     results: list[list[str] | BaseException] = [[] for _ in range(STREAMS)]
@@ -58,7 +58,7 @@ def _run_all(url: str, kill: int | None) -> list[list[str]]:
         t.start()
     if kill is not None:
         assert all(e.wait(60) for e in started)  # every stream is mid-generation
-        os.kill(kill, signal.SIGKILL)
+        os.kill(kill, sig)
     for t in threads:
         t.join(180)
     errors = [r for r in results if isinstance(r, BaseException)]
@@ -66,7 +66,12 @@ def _run_all(url: str, kill: int | None) -> list[list[str]]:
     return [r for r in results if isinstance(r, list)]
 
 
-def test_kill_mid_stream_loses_nothing_and_greedy_output_is_unchanged(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_engine_lost_mid_stream_loses_nothing_and_greedy_output_is_unchanged(
+    tiny_llama: Path, sig: int
+) -> None:
+    """SIGKILL: the supervisor sees the process die; SIGTERM: the worker leaves discovery and
+    closes its endpoints. Either way its streams continue elsewhere."""
     engine = EngineConfig(
         model=str(tiny_llama), num_kv_blocks=512, max_model_len=256, num_threads=1
     )
@@ -79,7 +84,7 @@ def test_kill_mid_stream_loses_nothing_and_greedy_output_is_unchanged(tiny_llama
         assert all(len(t) == MAX_TOKENS for t in baseline)
         victim = srv.stack.processes.pids()["worker-0"]
         t0 = time.monotonic()
-        after = _run_all(url, kill=victim)
+        after = _run_all(url, kill=victim, sig=sig)
         assert after == baseline
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         migrated = [
