@@ -79,8 +79,9 @@ class WorkerPool:
         """Open generate streams per worker, failed at once if that worker disappears."""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._resyncing: dict[str, list[KVEventBatch]] = {}
-        """Workers whose snapshot is on its way, with the event batches that arrived since."""
+        self._resyncing: set[str] = set()
+        """Workers whose snapshot is on its way (the router's index buffers their events
+        meanwhile and replays them on the snapshot)."""
         self.external_router = external_router
         self._warned_no_router = False
         self.event_lag_s: list[float] = []
@@ -136,7 +137,7 @@ class WorkerPool:
         stops counting its cache. Discovery adds it back when it registers again."""
         self._workers.pop(worker_id, None)
         self.infos.pop(worker_id, None)
-        self._resyncing.pop(worker_id, None)
+        self._resyncing.discard(worker_id)
         self.router.remove_worker(worker_id)
         for stream in list(self._active.pop(worker_id, ())):
             stream.fail("unavailable", f"worker {worker_id} {reason}")
@@ -167,10 +168,7 @@ class WorkerPool:
                 continue  # not (yet) in discovery: its snapshot will cover these
             if batch.timestamp:
                 self._note_lag(time.time() - batch.timestamp)
-            pending = self._resyncing.get(wid)
-            if pending is not None:
-                pending.append(batch)
-            elif not self.router.on_kv_events(batch):
+            if not self.router.on_kv_events(batch):
                 self._resync(wid)
 
     async def _consume_loads(self, sub: Subscription[LoadReport]) -> None:
@@ -189,7 +187,7 @@ class WorkerPool:
     def _resync(self, worker_id: str) -> None:
         if worker_id in self._resyncing:
             return
-        self._resyncing[worker_id] = []
+        self._resyncing.add(worker_id)
         task = asyncio.get_running_loop().create_task(self._fetch_snapshot(worker_id))
         self._tasks.append(task)
         task.add_done_callback(self._task_done)
@@ -208,14 +206,11 @@ class WorkerPool:
                 snap = await asyncio.wait_for(anext(stream), timeout)
         except Exception as e:  # the worker died or is too old to serve snapshots
             log.warning("KV snapshot of %s failed: %r", worker_id, e)
-        buffered = self._resyncing.pop(worker_id, None)
-        if snap is None or buffered is None or worker_id not in self._workers:
-            return
-        self.router.on_snapshot(snap)
-        for batch in buffered:  # events newer than the snapshot, in arrival order
-            if not self.router.on_kv_events(batch):
-                self._resync(worker_id)
-                return
+        if worker_id not in self._resyncing:
+            return  # forgotten meanwhile
+        self._resyncing.discard(worker_id)
+        if snap is not None and not self.router.on_snapshot(snap):
+            self._resync(worker_id)  # events after the snapshot had a gap too
 
     # ------------------------------------------------------------------ requests
 
