@@ -13,9 +13,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -52,6 +52,7 @@ from tokenfab.protocol import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -161,6 +162,15 @@ class LLMEngine:
                 self._grammars = GrammarCompiler(self.tokenizer, eos, self.vocab_size)
             return self._grammars
 
+    def _with_grammars(self, use: Callable[[GrammarCompiler], T]) -> T:
+        """`use(compiler)` under the compiler's lock; a bad grammar is the client's error."""
+        try:
+            grammars = self.grammars
+            with self._grammar_lock:
+                return use(grammars)
+        except GrammarError as e:
+            raise InvalidRequestError(str(e)) from None
+
     def validate(self, req: GenerateRequest) -> None:
         """Raise InvalidRequestError (with the numbers) if `req` cannot be served. Reads no
         mutable state, so any thread may call it."""
@@ -193,12 +203,8 @@ class LLMEngine:
                 f"(size {self.vocab_size})"
             )
         if p.structured is not None:
-            try:
-                grammars = self.grammars
-                with self._grammar_lock:
-                    grammars.compile(p.structured)
-            except GrammarError as e:
-                raise InvalidRequestError(str(e)) from None
+            spec = p.structured
+            self._with_grammars(lambda g: g.compile(spec))
         need = n + (p.max_tokens or 1)
         if need > self.max_model_len:
             what = f"max_tokens {p.max_tokens}" if p.max_tokens else "one generated token"
@@ -218,12 +224,8 @@ class LLMEngine:
             extra_keys = (*extra_keys, f"prompt_logprobs={req.request_id}")
         matcher = None
         if p.structured is not None:
-            try:
-                grammars = self.grammars
-                with self._grammar_lock:
-                    matcher = grammars.matcher(p.structured)
-            except GrammarError as e:
-                raise InvalidRequestError(str(e)) from None
+            spec = p.structured
+            matcher = self._with_grammars(lambda g: g.matcher(spec))
         seq = Sequence(
             req.request_id,
             list(req.prompt_token_ids),
