@@ -380,8 +380,7 @@ class Runtime:
         info = InstanceInfo(
             instance_id=check_token(instance_id or f"{component}-{uuid.uuid4().hex[:8]}", "id"),
             component=check_token(component, "component"),
-            endpoints=list(endpoints or [])
-            + [n for n in handlers or {} if n not in (endpoints or [])],
+            endpoints=list(dict.fromkeys([*(endpoints or []), *(handlers or {})])),
             metadata=dict(metadata or {}),
             incarnation=uuid.uuid4().hex,
         )
