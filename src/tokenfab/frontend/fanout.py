@@ -106,7 +106,7 @@ class Fanout:
                     async for out in stream:
                         self._generated[i].extend(out.token_ids)
                         if migrated:
-                            self._continued(i, out)
+                            _as_continuation(out)
                         queue.put_nowait((i, out))
                 except RemoteError as e:
                     if e.code != "unavailable" or not self._can_migrate(i):
@@ -182,13 +182,6 @@ class Fanout:
         self._streams[i] = stream
         return stream
 
-    def _continued(self, i: int, out: GenerateOutput) -> None:
-        """A continuation's counts describe its longer prompt; the client's usage keeps the
-        original's."""
-        if out.num_prompt_tokens:
-            out.num_prompt_tokens = 0
-            out.num_cached_tokens = 0
-
     def _observe(self, i: int, out: GenerateOutput) -> None:
         now = time.monotonic()
         m = self._metrics
@@ -212,3 +205,11 @@ class Fanout:
                 stream.cancel()
         for task in self._tasks:
             task.cancel()
+
+
+def _as_continuation(out: GenerateOutput) -> None:
+    """A continuation's counts describe its longer prompt; the client's usage keeps the
+    original's."""
+    if out.num_prompt_tokens:
+        out.num_prompt_tokens = 0
+        out.num_cached_tokens = 0
