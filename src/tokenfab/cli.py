@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from tokenfab.bench import cli as bench_cli
-from tokenfab.engine import cli as engine_cli
+from tokenfab.engine.tools import cli as engine_cli
 from tokenfab.factory import cli as factory_cli
 from tokenfab.serve import cli as serve_cli
 
