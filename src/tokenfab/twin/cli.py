@@ -18,7 +18,8 @@ app = typer.Typer(
 @app.callback(invoke_without_command=True)
 def twin(
     trace: str | None = typer.Option(
-        None, help="Mooncake jsonl or Azure csv trace (a path, or a name under the data folder)."
+        None,
+        help="Mooncake jsonl or Azure csv trace: a path, or mooncake | azure-conv | azure-code.",
     ),
     workers: int = typer.Option(4, min=1, help="Aggregated engine workers."),
     profile: Path | None = typer.Option(
