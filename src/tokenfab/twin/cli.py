@@ -37,6 +37,9 @@ def twin(
         "kv", help="Router policy: kv | round_robin | random | least_loaded."
     ),
     seed: int = typer.Option(0, help="Seed of the synthetic prompts and arrivals."),
+    fast_decode: bool = typer.Option(
+        False, help="Advance all-decode batches in closed form (large fleets; ~1% off per-step)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run the twin and print TTFT / ITL / latency percentiles and throughput."""
@@ -74,7 +77,13 @@ def twin(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     sim = Simulator(
-        SimConfig(workers=workers, num_kv_blocks=kv_blocks, block_size=block_tokens, router=router),
+        SimConfig(
+            workers=workers,
+            num_kv_blocks=kv_blocks,
+            block_size=block_tokens,
+            router=router,
+            fast_decode=fast_decode,
+        ),
         step_time,
     )
     horizon = max((s.arrival or 0.0) for s in specs)

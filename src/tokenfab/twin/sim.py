@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tokenfab.bench.workload import RequestSpec
 from tokenfab.clock import ManualClock
@@ -35,6 +35,7 @@ from tokenfab.protocol import (
     WorkerInfo,
 )
 from tokenfab.router import RouteDecision, Router, RouterConfig
+from tokenfab.twin.fast_decode import DecodeRun, apply_run, plan_run
 from tokenfab.twin.sim_runner import SimRunner
 from tokenfab.twin.step_time import LinearStepTime
 
@@ -48,6 +49,8 @@ class SimConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 32768
     router: RouterConfig = field(default_factory=RouterConfig)
+    fast_decode: bool = False
+    """Advance all-decode batches in closed form (fast_decode.py) instead of step by step."""
 
 
 @dataclass(slots=True)
@@ -90,9 +93,13 @@ class _Worker:
             clock=clock,
         )
         self.busy = False
+        self.run: DecodeRun | None = None
+        self.run_start = 0.0
+        self.generation = 0
+        """Bumped when a decode run is cut short: its old end event is then stale."""
 
 
-_ARRIVAL, _STEP_END, _TICK = 0, 1, 2
+_ARRIVAL, _STEP_END, _TICK, _RUN_END = 0, 1, 2, 3
 
 
 class Simulator:
@@ -143,8 +150,12 @@ class Simulator:
         until: float | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> list[RequestRecord]:
-        for spec in requests:
-            self._push(spec.arrival or 0.0, _ARRIVAL, spec)
+        # Arrivals are pulled one at a time (in arrival order), so an hour of a large fleet's
+        # requests never sits in memory at once.
+        arrivals = iter(requests)
+        first = next(arrivals, None)
+        if first is not None:
+            self._push(first.arrival or 0.0, _ARRIVAL, first)
         if self.tick is not None:
             self._push(self.tick_interval_s, _TICK, None)
         while self._queue:
@@ -156,10 +167,16 @@ class Simulator:
             self.clock.set(max(t, self.clock.now()))
             if kind == _ARRIVAL:
                 assert isinstance(payload, RequestSpec)
+                following = next(arrivals, None)
+                if following is not None:
+                    self._push(max(following.arrival or 0.0, t), _ARRIVAL, following)
                 self._arrive(payload)
             elif kind == _STEP_END:
                 assert isinstance(payload, tuple)
                 self._step_end(*payload)
+            elif kind == _RUN_END:
+                assert isinstance(payload, tuple)
+                self._run_end(*payload)
             else:
                 assert self.tick is not None
                 self.tick(self)
@@ -188,10 +205,20 @@ class Simulator:
                 sampling=SamplingParams(max_tokens=spec.max_tokens, ignore_eos=True),
             )
         )
-        if not worker.busy:
+        if worker.run is not None:
+            self._cut_run(worker)
+        elif not worker.busy:
             self._start_step(worker)
 
     def _start_step(self, worker: _Worker) -> None:
+        if self.config.fast_decode:
+            run = plan_run(worker.core, worker.runner.step_time)
+            if run is not None:
+                now = self.clock.now()
+                worker.run, worker.run_start, worker.busy = run, now, True
+                self.steps += run.steps
+                self._push(now + run.end(run.steps), _RUN_END, (worker, worker.generation))
+                return
         before = worker.core.stats_steps
         outputs = worker.core.step()
         if worker.core.stats_steps == before:  # nothing could be scheduled
@@ -200,6 +227,31 @@ class Simulator:
         self.steps += 1
         worker.busy = True
         self._push(self.clock.now() + worker.runner.last_seconds, _STEP_END, (worker, outputs))
+
+    def _cut_run(self, worker: _Worker) -> None:
+        """A request arrived for an engine in a decode run: the run ends with the step in
+        progress, so the request is admitted at the next step, as in the real engine."""
+        run = worker.run
+        assert run is not None
+        steps = run.steps_by(self.clock.now() - worker.run_start)
+        if steps < run.steps:
+            self.steps -= run.steps - steps
+            worker.run = replace(run, steps=steps)
+            worker.generation += 1
+            end = worker.run_start + run.end(steps)
+            self._push(end, _RUN_END, (worker, worker.generation))
+
+    def _run_end(self, worker: _Worker, generation: int) -> None:
+        run = worker.run
+        if generation != worker.generation or run is None:
+            return  # cut short: a later event ends it
+        start = worker.run_start
+        times = [start + run.end(i) for i in range(1, run.steps + 1)]
+        for seq in worker.core.scheduler.running:
+            self.records[seq.request_id].token_times.extend(times)
+        apply_run(worker.core, run.steps)
+        worker.run = None
+        self._step_end(worker, [])
 
     def _step_end(self, worker: _Worker, outputs: list[GenerateOutput]) -> None:
         now = self.clock.now()
