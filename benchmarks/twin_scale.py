@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--fleet-seconds", type=float, default=10.0, help="virtual seconds, 1,000 GPUs")
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
-        "--child", nargs=3, metavar=("WORKERS", "RATE", "SECONDS"), help=argparse.SUPPRESS
+        "--child", nargs=4, metavar=("WORKERS", "RATE", "SECONDS", "MODE"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
     if args.child:
