@@ -38,6 +38,7 @@ def test_the_blocker_blocks_torch() -> None:
 def test_engine_core_imports_and_steps_without_torch() -> None:
     code = """
 import tokenfab.engine.core.batch, tokenfab.engine.core.detokenizer, tokenfab.engine.core.runner
+import tokenfab.twin.sim, tokenfab.twin.report, tokenfab.twin.fast_decode
 from tokenfab.clock import ManualClock
 from tokenfab.engine.core.batch import SampledToken, StepResult
 from tokenfab.engine.core.scheduler import SchedulerConfig
