@@ -11,6 +11,7 @@ import typer
 from tokenfab.bench import cli as bench_cli
 from tokenfab.engine import cli as engine_cli
 from tokenfab.factory import cli as factory_cli
+from tokenfab.planner import cli as planner_cli
 from tokenfab.serve import cli as serve_cli
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app.add_typer(engine_cli.model_app, name="model")
 serve_cli.register(app)
 app.add_typer(bench_cli.app, name="bench")
 app.add_typer(factory_cli.app, name="plan")
+app.command("planner")(planner_cli.planner)
 
 
 def main() -> None:
