@@ -100,3 +100,25 @@ async def test_step_moves_a_decode_worker_to_prefill(rt: Runtime, caplog) -> Non
     views = await svc.workers()
     assert [w.role for w in views].count("prefill") == 2
     consume.cancel()
+
+
+def test_measured_latencies_come_from_the_frontends_histograms() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from tokenfab.planner.observe import LatencySums, mean_latencies_ms
+    from tokenfab.planner.service import parse_latency_sums
+
+    reg = CollectorRegistry()
+    ttft = Histogram("tokenfab_time_to_first_token_seconds", "t", registry=reg)
+    itl = Histogram("tokenfab_inter_token_latency_seconds", "i", registry=reg)
+    ttft.observe(0.2)
+    first = parse_latency_sums(generate_latest(reg).decode())
+    assert first == LatencySums(ttft_sum=pytest.approx(0.2), ttft_count=1.0)
+    ttft.observe(0.4)
+    ttft.observe(0.6)
+    itl.observe(0.05)
+    second = parse_latency_sums(generate_latest(reg).decode())
+    assert mean_latencies_ms(first, second) == (pytest.approx(500.0), pytest.approx(50.0))
+    assert mean_latencies_ms(second, second) == (None, None)  # nothing in the interval
+    # a restarted frontend: counters start again
+    assert mean_latencies_ms(second, first) == (pytest.approx(200.0), None)

@@ -25,6 +25,9 @@ def planner(
     isl: int = typer.Option(2048, help="GPUs: typical prompt tokens."),
     osl: int = typer.Option(256, help="GPUs: typical output tokens."),
     metrics_port: int = typer.Option(None, help="Serve Prometheus /metrics on this port."),
+    frontend_metrics: str = typer.Option(
+        None, help="A frontend's /metrics URL: measured TTFT/ITL over target grow their pool."
+    ),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),
 ) -> None:
     """Every --interval seconds: read the workers' load reports, forecast the next interval,
@@ -58,4 +61,4 @@ def planner(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     _logging(log_level)
-    _run(run_planner(runtime, namespace, config, cap, metrics_port))
+    _run(run_planner(runtime, namespace, config, cap, metrics_port, frontend_metrics))

@@ -107,3 +107,29 @@ def reduce_reports(
         ttft_ms=ttft_ms,
         itl_ms=itl_ms,
     )
+
+
+@dataclass(frozen=True)
+class LatencySums:
+    """A latency histogram's running sum (seconds) and count, as the frontend's /metrics
+    shows them (`tokenfab_time_to_first_token_seconds`, `..._inter_token_latency_...`)."""
+
+    ttft_sum: float = 0.0
+    ttft_count: float = 0.0
+    itl_sum: float = 0.0
+    itl_count: float = 0.0
+
+
+def mean_latencies_ms(prev: LatencySums, cur: LatencySums) -> tuple[float | None, float | None]:
+    """Mean TTFT and ITL (ms) over an interval from two readings (None: nothing measured;
+    a restarted frontend counts from zero)."""
+
+    def mean(s0: float, n0: float, s1: float, n1: float) -> float | None:
+        if n1 < n0:
+            s0 = n0 = 0.0
+        return (s1 - s0) / (n1 - n0) * 1e3 if n1 > n0 else None
+
+    return (
+        mean(prev.ttft_sum, prev.ttft_count, cur.ttft_sum, cur.ttft_count),
+        mean(prev.itl_sum, prev.itl_count, cur.itl_sum, cur.itl_count),
+    )

@@ -22,7 +22,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from tokenfab.clock import Clock, MonotonicClock
 from tokenfab.planner.capacity import Capacity
 from tokenfab.planner.core import Decision, PlannerConfig, PlannerState, initial_state, tick
-from tokenfab.planner.observe import WorkerView, reduce_reports
+from tokenfab.planner.observe import (
+    LatencySums,
+    WorkerView,
+    mean_latencies_ms,
+    reduce_reports,
+)
 from tokenfab.protocol import (
     LOAD_TOPIC,
     SET_ROLE_ENDPOINT,
@@ -35,6 +40,25 @@ from tokenfab.protocol import (
 from tokenfab.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+TTFT_METRIC = "tokenfab_time_to_first_token_seconds"
+ITL_METRIC = "tokenfab_inter_token_latency_seconds"
+
+
+def parse_latency_sums(text: str) -> LatencySums:
+    """The TTFT/ITL histograms' sums and counts from a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    v: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name in (TTFT_METRIC + "_sum", TTFT_METRIC + "_count",
+                               ITL_METRIC + "_sum", ITL_METRIC + "_count"):  # fmt: skip
+                v[sample.name] = v.get(sample.name, 0.0) + sample.value
+    return LatencySums(
+        ttft_sum=v.get(TTFT_METRIC + "_sum", 0.0), ttft_count=v.get(TTFT_METRIC + "_count", 0.0),
+        itl_sum=v.get(ITL_METRIC + "_sum", 0.0), itl_count=v.get(ITL_METRIC + "_count", 0.0),
+    )  # fmt: skip
 
 
 class PlannerMetrics:
@@ -64,7 +88,10 @@ class PlannerService:
         capacity: Capacity,
         registry: CollectorRegistry | None = None,
         clock: Clock | None = None,
+        frontend_metrics: str | None = None,
     ) -> None:
+        """`frontend_metrics`: a frontend's /metrics URL, read each interval for the
+        measured TTFT and ITL (None: latencies are not observed)."""
         self.runtime = runtime
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -74,6 +101,8 @@ class PlannerService:
         self.reports: dict[str, LoadReport] = {}
         self.decisions: list[Decision] = []
         self._prev: dict[str, LoadReport] = {}
+        self.frontend_metrics = frontend_metrics
+        self._latency = LatencySums()
         self._draining: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -102,7 +131,9 @@ class PlannerService:
         views = await self.workers()
         live = {w.worker_id for w in views}
         cur = {k: v for k, v in self.reports.items() if k in live}
-        obs = reduce_reports(self._prev, cur, self.config.interval_s, views)
+        ttft, itl = await self._latencies()
+        obs = reduce_reports(self._prev, cur, self.config.interval_s, views,
+                             ttft_ms=ttft, itl_ms=itl)  # fmt: skip
         self._prev = dict(cur)
         self.state, decisions = tick(obs, self.state, self.clock.now(), self.config)
         for d in decisions:
@@ -123,6 +154,22 @@ class PlannerService:
             self.metrics.forecast.labels("decode").set(t.decode_forecast)
         self.decisions += decisions
         return decisions
+
+    async def _latencies(self) -> tuple[float | None, float | None]:
+        if self.frontend_metrics is None:
+            return None, None
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                text = (await client.get(self.frontend_metrics)).text
+        except httpx.HTTPError as e:
+            log.warning("planner: cannot read %s: %s", self.frontend_metrics, e)
+            return None, None
+        cur = parse_latency_sums(text)
+        out = mean_latencies_ms(self._latency, cur)
+        self._latency = cur
+        return out
 
     async def move(self, worker_id: str, role: str) -> RoleChangeStatus | None:
         """Ask a worker to change role and follow it to the end (draining while it drains)."""
@@ -164,6 +211,7 @@ async def run_planner(
     config: PlannerConfig,
     capacity: Capacity,
     metrics_port: int | None = None,
+    frontend_metrics: str | None = None,
 ) -> None:
     """Plan until interrupted; with `metrics_port`, serve /metrics there."""
     from prometheus_client import start_http_server
@@ -171,7 +219,7 @@ async def run_planner(
     from tokenfab.worker.launch import until_signalled
 
     runtime = await Runtime.connect(runtime_url, namespace)
-    service = PlannerService(runtime, config, capacity)
+    service = PlannerService(runtime, config, capacity, frontend_metrics=frontend_metrics)
     if metrics_port is not None:
         start_http_server(metrics_port, addr="127.0.0.1", registry=service.registry)
     try:
