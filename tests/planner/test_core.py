@@ -208,3 +208,11 @@ def test_bad_config_is_refused():
         PlannerConfig(ttft_ms=500, itl_ms=50, budget=1)
     with pytest.raises(ValueError, match="shrink_util"):
         PlannerConfig(ttft_ms=500, itl_ms=50, budget=4, shrink_util=0.9)
+
+
+def test_a_fleet_without_prefill_and_decode_workers_is_reported_not_planned():
+    cfg = PlannerConfig(ttft_ms=500, itl_ms=50, budget=4, fixed_fleet=True)
+    fleet = Fleet(cfg, {"w0": "aggregated", "w1": "decode"})
+    fleet.run(CHAT, 10)
+    assert [d.kind for d in fleet.log] == ["unreachable"]
+    assert "fleet is 1" in fleet.log[0].reason

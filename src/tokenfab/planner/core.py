@@ -277,8 +277,11 @@ def tick(
     load = (f_pre, f_dec)
     limit = cfg.budget
     if cfg.fixed_fleet:
-        limit = min(cfg.budget, max(sum(cur), 2 * cfg.min_per_role))
-        target = fleet_target(cur, want, load, cap, cfg)
+        limit = min(cfg.budget, sum(cur))
+        # too few prefill/decode workers to plan (e.g. an aggregated deployment): nothing
+        # to move; the shortfall is reported as unreachable
+        small = sum(cur) < 2 * cfg.min_per_role
+        target = cur if small else fleet_target(cur, want, load, cap, cfg)
     else:
         target = fit_budget(want, cfg)
 

@@ -137,7 +137,9 @@ class PlannerService:
         self._prev = dict(cur)
         self.state, decisions = tick(obs, self.state, self.clock.now(), self.config)
         for d in decisions:
-            log.info("planner decision %s", decision_line(d))
+            # holds repeat every tick while a change waits: kept out of the info log
+            level = logging.DEBUG if d.kind == "hold" else logging.INFO
+            log.log(level, "planner decision %s", decision_line(d))
             self.metrics.decisions.labels(d.kind).inc()
             if d.kind == "move" and d.to_role is not None:
                 asyncio.get_running_loop().create_task(self.move(d.worker_id, d.to_role))
