@@ -11,6 +11,7 @@ import typer
 from tokenfab.bench import cli as bench_cli
 from tokenfab.engine.tools import cli as engine_cli
 from tokenfab.factory import cli as factory_cli
+from tokenfab.planner import cli as planner_cli
 from tokenfab.serve import cli as serve_cli
 from tokenfab.twin import cli as twin_cli
 
@@ -29,6 +30,7 @@ serve_cli.register(app)
 app.add_typer(bench_cli.app, name="bench")
 app.add_typer(factory_cli.app, name="plan")
 app.add_typer(twin_cli.app, name="twin")
+app.command("planner")(planner_cli.planner)
 
 
 def main() -> None:
