@@ -6,25 +6,20 @@ ops (RMSNorm, RoPE, SiLU*up) run far below memory speed. These kernels read the 
 place (online per-block softmax) and fuse the elementwise chains. They are optional: if no
 compiler is available or the build fails, `load()` returns None and the torch path is used.
 
-The library is built with -march=native into <user cache dir>/tokenfab/kernels/<hash>/, the
-hash covering the source, the compiler flags and the CPU's feature flags, so a copied cache on
-another CPU is never reused.
+The library is built with -march=native by `tokenfab.native` (cached per source, flags and CPU
+feature flags, so a copied cache on another CPU is never reused).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
+from functools import cache
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from tokenfab.native import load_library
 
 _SOURCE_FILE = Path(__file__).with_name("cpu_kernels.c")
 """The kernels' C source: package data next to this module, read when the library is built."""
@@ -46,36 +41,6 @@ _FLAGS = [
     "-fPIC",
     "-std=c11",
 ]
-_lock = threading.Lock()
-_cached: dict[str, Any] = {}
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(out: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise RuntimeError("no C compiler")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "kernels.c"
-        src.write_text(_SOURCE_FILE.read_text())
-        lib = Path(tmp) / "kernels.so"
-        subprocess.run(
-            [cc, *_FLAGS, str(src), "-o", str(lib), "-lm"],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-        os.replace(lib, out)  # atomic: concurrent builders never see a partial file
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -100,31 +65,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+@cache
 def load() -> CpuKernels | None:
     """The compiled kernels, or None where they cannot be built (or TOKENFAB_NO_KERNELS=1)."""
     if os.environ.get("TOKENFAB_NO_KERNELS") == "1":
         return None
-    with _lock:
-        if "k" in _cached:
-            return _cached["k"]
-        from platformdirs import user_cache_dir
-
-        key = hashlib.sha256(
-            (
-                _SOURCE_FILE.read_text() + " ".join(_FLAGS) + _cpu_flags() + platform.machine()
-            ).encode()
-        ).hexdigest()[:16]
-        base = os.environ.get("TOKENFAB_CACHE_DIR") or user_cache_dir("tokenfab")
-        path = Path(base) / "kernels" / key / "kernels.so"
-        kernels: CpuKernels | None
-        try:
-            if not path.is_file():
-                _build(path)
-            kernels = CpuKernels(_bind(ctypes.CDLL(str(path))))
-        except (OSError, RuntimeError, subprocess.SubprocessError):
-            kernels = None
-        _cached["k"] = kernels
-        return kernels
+    lib = load_library("kernels", _SOURCE_FILE.read_text(), _FLAGS)
+    return CpuKernels(_bind(lib)) if lib is not None else None
 
 
 def _ptr(t: torch.Tensor) -> int:
