@@ -256,6 +256,10 @@ class LoadReport(msgspec.Struct, kw_only=True):
     num_steps: int = 0
     step_time_ema: float = 0.0
     """Seconds per engine step, exponentially averaged (0: no step yet)."""
+    kv_blocks_held: int = 0
+    """Blocks kept for other workers to pull (disaggregated prefill)."""
+    kv_blocks_imported: int = 0
+    """Blocks received from other workers (total)."""
 
 
 WorkerRole = Literal["aggregated", "prefill", "decode"]
