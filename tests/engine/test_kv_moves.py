@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tokenfab.config import EngineConfig
+from tokenfab.engine.core.kv_cache import KVCacheManager
+from tokenfab.engine.core.sequence import Sequence
 from tokenfab.engine.engine import LLMEngine
-from tokenfab.engine.kv_cache import KVCacheManager
-from tokenfab.engine.sequence import Sequence
 from tokenfab.kv.hashing import block_hashes
 from tokenfab.protocol import GenerateRequest, SamplingParams
 

@@ -73,6 +73,7 @@ async def test_registers_serves_and_publishes(setup) -> None:
         "stats",
         "kv_snapshot",
         "prefill",
+        "set_role",
     }
     assert info.metadata["data_address"]  # every role serves its KV data plane
 

@@ -35,7 +35,7 @@ async def start_engines(
     """Load the model once and start `count` engines, each behind a worker in its role
     (`roles[i]`, default aggregated); with `data_plane`, KV moves between them are copies."""
     from tokenfab.engine.engine import AsyncEngine
-    from tokenfab.engine.loader import load_model
+    from tokenfab.engine.model.loader import load_model
     from tokenfab.engine.threads import in_fresh_thread
 
     # One copy of the weights serves every engine of this process (they are read-only).
