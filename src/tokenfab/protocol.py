@@ -154,6 +154,8 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     cache_salt: str | None = None
     """Extra key folded into every block hash, isolating this request's prefix cache."""
     lora_name: str | None = None
+    remote_prefill: RemotePrefill | None = None
+    """Disaggregated serving: the prompt is computed on another worker (see RemotePrefill)."""
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
@@ -256,6 +258,10 @@ class LoadReport(msgspec.Struct, kw_only=True):
     num_steps: int = 0
     step_time_ema: float = 0.0
     """Seconds per engine step, exponentially averaged (0: no step yet)."""
+    kv_blocks_held: int = 0
+    """Blocks kept for other workers to pull (disaggregated prefill)."""
+    kv_blocks_imported: int = 0
+    """Blocks received from other workers (total)."""
 
 
 WorkerRole = Literal["aggregated", "prefill", "decode"]
@@ -309,6 +315,60 @@ class SnapshotRequest(msgspec.Struct, kw_only=True):
 
 class StatsRequest(msgspec.Struct, kw_only=True):
     """Ask a worker for a fresh LoadReport (its `stats` endpoint)."""
+
+
+# ---------------------------------------------------------------- disaggregated serving
+
+
+class RemotePrefill(msgspec.Struct, kw_only=True):
+    """Attached to a GenerateRequest sent to a decode worker: have this prefill worker compute
+    the prompt (and first token), then pull its KV blocks (tokenfab.kv.transfer)."""
+
+    worker_id: str
+    min_uncached_tokens: int = 0
+    """Prefill locally instead when fewer prompt tokens than this are missing here."""
+    hold_s: float = 30.0
+    """How long the prefill worker keeps the blocks for the pull."""
+
+
+class PrefillRequest(msgspec.Struct, kw_only=True):
+    """A prefill worker's `prefill` endpoint: compute the prompt and its first token, and hold
+    the prompt's full blocks for `hold_s` seconds (or until pulled with release)."""
+
+    request: GenerateRequest
+    hold_s: float = 30.0
+
+
+class PrefillResponse(msgspec.Struct, kw_only=True):
+    output: GenerateOutput
+    """The first token's output. finish_reason set: the request is complete already."""
+    hold_id: str
+    block_hashes: list[int]
+    """The held blocks' chained hashes (the prompt's leading full blocks)."""
+    data_address: str
+    """Where to pull them (`host:port` of the worker's KV data plane, or `inproc://id`)."""
+    block_bytes: int
+
+
+KVFrameKind = Literal["pull", "blocks", "done", "error"]
+
+
+class KVFrameHeader(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Header of one KV data-plane frame (kv/transfer.py); `payload_bytes` of raw block bytes
+    follow it."""
+
+    kind: KVFrameKind
+    hold_id: str = ""
+    block_hashes: list[int] = []
+    """pull: the blocks wanted, in chain order; blocks: the blocks in this frame's payload."""
+    block_bytes: int = 0
+    payload_bytes: int = 0
+    checksum: int = 0
+    """xxh3-64 of the payload."""
+    release: bool = False
+    """pull: let the hold go once these blocks are sent."""
+    message: str = ""
+    """error: what went wrong."""
 
 
 class RoleChange(msgspec.Struct, kw_only=True):
