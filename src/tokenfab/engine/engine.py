@@ -202,6 +202,12 @@ class LLMEngine:
                 f"logit_bias token ids {bad_bias} are outside the vocabulary "
                 f"(size {self.vocab_size})"
             )
+        bad_allowed = [t for t in p.allowed_token_ids if t >= self.vocab_size]
+        if bad_allowed:
+            raise InvalidRequestError(
+                f"allowed_token_ids {bad_allowed} are outside the vocabulary "
+                f"(size {self.vocab_size})"
+            )
         if p.structured is not None:
             spec = p.structured
             self._with_grammars(lambda g: g.compile(spec))

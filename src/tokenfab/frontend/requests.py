@@ -104,7 +104,7 @@ def check_model(requested: str | None, served: str) -> None:
 
 
 _UNSUPPORTED_IF_SET = (
-    "bad_words", "allowed_token_ids", "logits_processors", "kv_transfer_params", "vllm_xargs",
+    "logits_processors", "kv_transfer_params", "vllm_xargs",
     "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
     "documents", "chat_template", "mm_processor_kwargs", "suffix",
 )  # fmt: skip
@@ -147,6 +147,29 @@ def _logit_bias(req: _Sampling, vocab_size: int) -> dict[int, float]:
                 f"logit_bias values must be in [-100, 100] (got {value} for {key})", "logit_bias"
             )
         out[token] = float(value)
+    return out
+
+
+def _allowed_token_ids(req: _Sampling, vocab_size: int) -> list[int]:
+    ids = req.allowed_token_ids
+    if ids is None:
+        return []
+    if not ids:
+        raise bad_request("allowed_token_ids is not None and empty!", "allowed_token_ids")
+    if any(t < 0 or (vocab_size and t >= vocab_size) for t in ids):
+        raise bad_request("allowed_token_ids contains out-of-vocab token id!", "allowed_token_ids")
+    return list(ids)
+
+
+def bad_words_token_ids(req: _Sampling, prompts: Prompts) -> list[list[int]]:
+    """Each bad word as tokenized alone and after a space (vLLM's two spellings of a word:
+    at the start of the text and inside it)."""
+    out: list[list[int]] = []
+    for word in req.bad_words or []:
+        for spelling in (word.lstrip(), " " + word.lstrip()):
+            ids = prompts.encode(spelling, add_special_tokens=False)
+            if ids and ids not in out:
+                out.append(ids)
     return out
 
 
@@ -281,6 +304,7 @@ def _sampling(
     limits: Limits,
     structured: StructuredOutput | None = None,
     prompt_logprobs: int | None = None,
+    bad_words: list[list[int]] | None = None,
 ) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params = SamplingParams(
@@ -303,6 +327,8 @@ def _sampling(
         logit_bias=_logit_bias(req, limits.vocab_size),
         structured=structured,
         prompt_logprobs=prompt_logprobs,
+        allowed_token_ids=_allowed_token_ids(req, limits.vocab_size),
+        bad_words_token_ids=bad_words or [],
     )
     try:
         params.validate()
@@ -402,7 +428,17 @@ def prepare_chat(req: ChatCompletionRequest, prompts: Prompts, limits: Limits) -
         request_id=_request_id("chatcmpl", req.request_id),
         prompts=[PreparedPrompt(text, ids)],
         n=req.n,
-        sampling=[_sampling(req, max_tokens, logprobs, limits, structured, req.prompt_logprobs)],
+        sampling=[
+            _sampling(
+                req,
+                max_tokens,
+                logprobs,
+                limits,
+                structured,
+                req.prompt_logprobs,
+                bad_words_token_ids(req, prompts),
+            )
+        ],
         stream=req.stream,
         include_usage=include_usage,
         logprobs=logprobs,
@@ -462,11 +498,14 @@ def prepare_completion(req: CompletionRequest, prompts: Prompts, limits: Limits)
     if req.echo and req.logprobs is not None:
         prompt_lp = max(prompt_lp or 0, req.logprobs)
     sampling = []
+    bad_words = bad_words_token_ids(req, prompts)
     for item in items:
         max_tokens = _max_tokens(
             req.max_tokens, "max_tokens", len(item.token_ids), limits.max_model_len, default=16
         )
-        sampling.append(_sampling(req, max_tokens, req.logprobs, limits, structured, prompt_lp))
+        sampling.append(
+            _sampling(req, max_tokens, req.logprobs, limits, structured, prompt_lp, bad_words)
+        )
     return Prepared(
         request_id=_request_id("cmpl", req.request_id),
         prompts=items,
