@@ -444,3 +444,39 @@ def test_responses_structured_and_tools(client: openai.OpenAI, server) -> None:
     assert calls and calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"]
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model=server.model, input="x", previous_response_id="resp_1")
+
+
+def test_return_token_ids_and_truncation_side(client: openai.OpenAI, server) -> None:
+    ids = list(range(10, 18))
+    for side, kept in (("right", ids[:4]), ("left", ids[-4:])):
+        r = client.completions.create(
+            model=server.model,
+            prompt=ids,
+            max_tokens=3,
+            temperature=0,
+            extra_body={
+                "return_token_ids": True,
+                "truncate_prompt_tokens": 4,
+                "truncation_side": side,
+                "ignore_eos": True,
+            },
+        )
+        choice = r.choices[0]
+        assert choice.prompt_token_ids == kept
+        assert len(choice.token_ids) == 3 and r.usage.prompt_tokens == 4
+        assert choice.prompt_logprobs is None
+
+
+def test_continuous_usage_needs_include_usage(client: openai.OpenAI, server) -> None:
+    def usages(include: bool) -> list:
+        stream = client.completions.create(
+            model=server.model,
+            prompt="x",
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": include, "continuous_usage_stats": True},
+        )
+        return [c.usage for c in stream]
+
+    assert all(u is None for u in usages(False))
+    assert all(u is not None for u in usages(True))

@@ -68,6 +68,8 @@ class Prepared:
     continuous_usage: bool = False
     token_ids_as_text: bool = False
     """vLLM's return_tokens_as_token_ids: logprob tokens written `token_id:<id>`."""
+    return_token_ids: bool = False
+    """vLLM's return_token_ids: prompt and output token ids in the (non-streamed) answer."""
     tools: ToolPlan | None = None
     reasoning: ReasoningFormat | None = None
     reasoning_inside: bool = False
@@ -260,7 +262,8 @@ def _stream_flags(req: _Sampling) -> tuple[bool, bool]:
         raise bad_request(
             "Stream options can only be defined when `stream=True`.", "stream_options"
         )
-    return opts.include_usage, opts.continuous_usage_stats
+    # vLLM: per-chunk usage only when the final usage chunk is asked for too.
+    return opts.include_usage, opts.include_usage and opts.continuous_usage_stats
 
 
 def _common_checks(req: _Sampling) -> None:
@@ -276,6 +279,8 @@ def _common_checks(req: _Sampling) -> None:
         raise bad_request(
             "prompt_logprobs is not available when stream is enabled", "prompt_logprobs"
         )
+    if req.return_token_ids and req.stream:
+        raise bad_request("return_token_ids is not supported with stream=true", "return_token_ids")
     if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1:
         raise bad_request(
             f"truncate_prompt_tokens must be at least 1 (got {req.truncate_prompt_tokens})",
@@ -373,9 +378,12 @@ def _request_id(prefix: str, given: str | None) -> str:
     return f"{prefix}-{given}" if given else f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _truncate(ids: list[int], keep: int | None) -> list[int]:
-    """vLLM's truncate_prompt_tokens: keep the last `keep` tokens."""
-    return ids if keep is None or len(ids) <= keep else ids[-keep:]
+def _truncate(ids: list[int], keep: int | None, side: str | None = None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last `keep` tokens (the first ones with
+    truncation_side "right")."""
+    if keep is None or len(ids) <= keep:
+        return ids
+    return ids[:keep] if side == "right" else ids[-keep:]
 
 
 def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
@@ -415,7 +423,7 @@ def prepare_chat(req: ChatCompletionRequest, prompts: Prompts, limits: Limits) -
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
     )
-    ids = _truncate(ids, req.truncate_prompt_tokens)
+    ids = _truncate(ids, req.truncate_prompt_tokens, req.truncation_side)
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -446,6 +454,7 @@ def prepare_chat(req: ChatCompletionRequest, prompts: Prompts, limits: Limits) -
         prompt_logprobs=req.prompt_logprobs,
         continuous_usage=continuous,
         token_ids_as_text=req.return_tokens_as_token_ids,
+        return_token_ids=req.return_token_ids,
         tools=tools,
         reasoning=fmt,
         reasoning_inside=fmt is not None and text.rstrip().endswith(fmt.start),
@@ -483,7 +492,9 @@ def prepare_completion(req: CompletionRequest, prompts: Prompts, limits: Limits)
     items = _completion_prompts(req, prompts)
     if req.truncate_prompt_tokens is not None:
         items = [
-            PreparedPrompt(None, _truncate(i.token_ids, req.truncate_prompt_tokens))
+            PreparedPrompt(
+                None, _truncate(i.token_ids, req.truncate_prompt_tokens, req.truncation_side)
+            )
             if len(i.token_ids) > req.truncate_prompt_tokens
             else i
             for i in items
@@ -519,4 +530,5 @@ def prepare_completion(req: CompletionRequest, prompts: Prompts, limits: Limits)
         prompt_logprobs=req.prompt_logprobs,
         continuous_usage=continuous,
         token_ids_as_text=req.return_tokens_as_token_ids,
+        return_token_ids=req.return_token_ids,
     )
