@@ -480,3 +480,16 @@ def test_continuous_usage_needs_include_usage(client: openai.OpenAI, server) -> 
 
     assert all(u is None for u in usages(False))
     assert all(u is not None for u in usages(True))
+
+
+def test_responses_default_tool_choice_and_penalties(client: openai.OpenAI, server) -> None:
+    # Clients send tool_choice "auto" with no tools; penalties are honoured as in chat.
+    r = client.responses.create(
+        model=server.model,
+        input="hi",
+        max_output_tokens=4,
+        tool_choice="auto",
+        extra_body={"frequency_penalty": 1.0, "presence_penalty": 0.5},
+    )
+    assert r.status in ("completed", "incomplete") and r.usage.output_tokens <= 4
+    assert client.models.retrieve(server.model).root == server.model

@@ -196,6 +196,8 @@ def build_app(state: FrontendState) -> FastAPI:
             "object": "model",
             "created": 0,
             "owned_by": "tokenfab",
+            "root": state.model_name,
+            "parent": None,
             "max_model_len": state.max_model_len,
         }
 
