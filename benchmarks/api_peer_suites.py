@@ -68,7 +68,12 @@ SUITES = {
 
 
 def missing_files(root: Path) -> list[str]:
-    return [f"{name}/{f}" for name, s in SUITES.items() for f in s.files if not (root / name / f).exists()]
+    return [
+        f"{name}/{f}"
+        for name, s in SUITES.items()
+        for f in s.files
+        if not (root / name / f).exists()
+    ]
 
 
 def server_command(name: str, model: Path, port: int) -> tuple[list[str], dict[str, str]]:
@@ -104,7 +109,9 @@ def run_suite(root: Path, suite: str, url: str, model: Path, out: Path) -> dict[
         "-o", "asyncio_default_fixture_loop_scope=function", f"--junitxml={junit}", *files,
     ]  # fmt: skip
     with (out / f"{suite}.log").open("w") as log:
-        subprocess.run(cmd, env=env, cwd=root / suite, stdout=log, stderr=subprocess.STDOUT, timeout=3600)
+        subprocess.run(
+            cmd, env=env, cwd=root / suite, stdout=log, stderr=subprocess.STDOUT, timeout=3600
+        )
     return outcomes(junit, suite)
 
 
@@ -159,7 +166,11 @@ def report(results: dict[str, dict]) -> dict:
             "command": r["command"],
         }
     for s, suite in SUITES.items():
-        summary["suites"][s] = {"repo": suite.repo, "commit": suite.commit, "files": list(suite.files)}
+        summary["suites"][s] = {
+            "repo": suite.repo,
+            "commit": suite.commit,
+            "files": list(suite.files),
+        }
     if {"tokenfab", "vllm"} <= results.keys():
         tf, vl = results["tokenfab"]["tests"], results["vllm"]["tests"]
         gap = sorted(t for t, v in vl.items() if v == "passed" and tf.get(t) != "passed")
@@ -177,7 +188,9 @@ def print_report(summary: dict, results: dict[str, dict]) -> None:
         for suite, c in s["per_suite"].items():
             print(f"{name:<10} {suite:<8} {c['passed']:>6} {c['failed']:>6} {c['skipped']:>7}")
         t = s["total"]
-        print(f"{name:<10} {'all':<8} {t['passed']:>6} {t['failed']:>6} {t['skipped']:>7}  ({s['ran_at']})")
+        print(
+            f"{name:<10} {'all':<8} {t['passed']:>6} {t['failed']:>6} {t['skipped']:>7}  ({s['ran_at']})"
+        )
     if "vllm_passes_tokenfab_fails" in summary:
         gap = summary["vllm_passes_tokenfab_fails"]
         print(f"\nvLLM passes, tokenfab fails: {len(gap)}")
@@ -192,16 +205,26 @@ def print_report(summary: dict, results: dict[str, dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suites", type=Path, default=Path(os.environ.get("TOKENFAB_PEER_SUITES", "/tmp/peer_suites")))
-    ap.add_argument("--only", default="tokenfab,vllm", help="Servers to run now (others: saved results).")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--suites",
+        type=Path,
+        default=Path(os.environ.get("TOKENFAB_PEER_SUITES", "/tmp/peer_suites")),
+    )
+    ap.add_argument(
+        "--only", default="tokenfab,vllm", help="Servers to run now (others: saved results)."
+    )
     ap.add_argument("--model", default=None, help="Model (default: tokenfab's default model).")
     ap.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     args = ap.parse_args()
 
     if missing := missing_files(args.suites):
         where = "; ".join(f"{n}: {s.repo} at {s.commit[:12]}" for n, s in SUITES.items())
-        sys.exit(f"peer test files missing under {args.suites}: {', '.join(missing)} (from {where})")
+        sys.exit(
+            f"peer test files missing under {args.suites}: {', '.join(missing)} (from {where})"
+        )
     from tokenfab.engine.loader import resolve_model
 
     model = resolve_model(args.model)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-import openai
-
 import _env
+import openai
 
 
 class RemoteOpenAIServer:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import unittest
 from dataclasses import dataclass
 
-import httpx
-
 import _env
+import httpx
 
 DEFAULT_SMALL_MODEL_NAME_FOR_TEST = _env.model()
 DEFAULT_SMALL_CROSS_ENCODER_MODEL_NAME_FOR_TEST = "cross-encoder-not-served"
