@@ -225,7 +225,7 @@ def main() -> None:
         sys.exit(
             f"peer test files missing under {args.suites}: {', '.join(missing)} (from {where})"
         )
-    from tokenfab.engine.loader import resolve_model
+    from tokenfab.engine.model.loader import resolve_model
 
     model = resolve_model(args.model)
     out = args.suites / "runs"
