@@ -277,45 +277,6 @@ def _token_ids(r) -> list[int]:
     return [int(t.token.split(":")[1]) for t in r.choices[0].logprobs.content]
 
 
-def test_allowed_token_ids_confine_sampling(client: openai.OpenAI, server) -> None:
-    allowed = [5, 42, 77]
-    for temperature in (0.0, 1.0):
-        r = chat(
-            client,
-            server,
-            max_tokens=12,
-            temperature=temperature,
-            logprobs=True,
-            extra_body={
-                "allowed_token_ids": allowed,
-                "ignore_eos": True,
-                "return_tokens_as_token_ids": True,
-            },
-        )
-        got = _token_ids(r)
-        assert len(got) == 12 and set(got) <= set(allowed), got
-    with pytest.raises(openai.BadRequestError) as e:
-        chat(client, server, extra_body={"allowed_token_ids": [10**9]})
-    assert e.value.body["param"] == "allowed_token_ids"
-
-
-def test_bad_words_are_never_generated(client: openai.OpenAI, server) -> None:
-    from transformers import AutoTokenizer
-
-    kw = dict(max_tokens=8, temperature=0, logprobs=True)
-    extra = {"ignore_eos": True, "return_tokens_as_token_ids": True}
-    base = _token_ids(chat(client, server, **kw, extra_body=extra))
-    tok = AutoTokenizer.from_pretrained(server.thread.engine_config.model)
-    word = tok.decode([base[0]])
-    r = chat(client, server, **kw, extra_body={**extra, "bad_words": [word]})
-    got = _token_ids(r)
-    assert got[0] != base[0]
-    for spelling in (word.strip(), " " + word.strip()):
-        ids = tok.encode(spelling, add_special_tokens=False)
-        if len(ids) == 1:
-            assert ids[0] not in got, (spelling, got)
-
-
 def test_echo_logprobs_equal_transformers_scoring(client: openai.OpenAI, server) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -493,3 +454,42 @@ def test_responses_default_tool_choice_and_penalties(client: openai.OpenAI, serv
     )
     assert r.status in ("completed", "incomplete") and r.usage.output_tokens <= 4
     assert client.models.retrieve(server.model).root == server.model
+
+
+def test_allowed_token_ids_confine_sampling(client: openai.OpenAI, server) -> None:
+    allowed = [5, 42, 77]
+    for temperature in (0.0, 1.0):
+        r = chat(
+            client,
+            server,
+            max_tokens=12,
+            temperature=temperature,
+            logprobs=True,
+            extra_body={
+                "allowed_token_ids": allowed,
+                "ignore_eos": True,
+                "return_tokens_as_token_ids": True,
+            },
+        )
+        got = _token_ids(r)
+        assert len(got) == 12 and set(got) <= set(allowed), got
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, server, extra_body={"allowed_token_ids": [10**9]})
+    assert e.value.body["param"] == "allowed_token_ids"
+
+
+def test_bad_words_are_never_generated(client: openai.OpenAI, server) -> None:
+    from transformers import AutoTokenizer
+
+    kw = dict(max_tokens=8, temperature=0, logprobs=True)
+    extra = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    base = _token_ids(chat(client, server, **kw, extra_body=extra))
+    tok = AutoTokenizer.from_pretrained(server.thread.engine_config.model)
+    word = tok.decode([base[0]])
+    r = chat(client, server, **kw, extra_body={**extra, "bad_words": [word]})
+    got = _token_ids(r)
+    assert got[0] != base[0]
+    for spelling in (word.strip(), " " + word.strip()):
+        ids = tok.encode(spelling, add_special_tokens=False)
+        if len(ids) == 1:
+            assert ids[0] not in got, (spelling, got)
