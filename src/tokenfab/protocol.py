@@ -53,6 +53,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     structured: StructuredOutput | None = None
     prompt_logprobs: int | None = None
     """None: none; k >= 0: every prompt token's logprob (the first is null) plus top-k."""
+    allowed_token_ids: list[int] = []
+    """vLLM's allowed_token_ids: when non-empty, every other token is masked out."""
+    bad_words_token_ids: list[list[int]] = []
+    """vLLM's bad_words, tokenized: the last token of a word is masked out while the output
+    ends with the tokens before it (a one-token word is never generated)."""
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for an API client if any field is out of range."""
@@ -118,6 +123,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             all(t >= 0 for t in self.logit_bias),
             "logit_bias token ids must be non-negative",
             list(self.logit_bias),
+        )
+        _check(
+            all(t >= 0 for t in self.allowed_token_ids),
+            "allowed_token_ids must be non-negative",
+            self.allowed_token_ids,
+        )
+        _check(
+            all(w and all(t >= 0 for t in w) for w in self.bad_words_token_ids),
+            "bad_words must tokenize to non-empty, non-negative token ids",
+            self.bad_words_token_ids,
         )
         _check(
             all(isinstance(s, str) and s for s in self.stop),
