@@ -107,7 +107,7 @@ class FleetRequest:
         )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: the worker's lists find requests by `is`
 class _Req:
     rid: str
     spec: FleetRequest
