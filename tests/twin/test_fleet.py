@@ -89,3 +89,22 @@ def test_log_histogram_percentiles_within_resolution() -> None:
     for q in (50, 90, 99):
         exact = xs[round(q / 100 * (len(xs) - 1))]
         assert abs(h.percentile(q) - exact) <= 0.01 * exact
+
+
+def test_cli_model_kinds_agree_and_a_bad_kind_is_a_one_line_error() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from tokenfab.twin.cli import app
+
+    base = ["--workers", "6", "--requests", "60", "--rate", "6", "--json"]
+    step = CliRunner().invoke(app, [*base, "--model-kind", "step"])
+    fleet = CliRunner().invoke(app, [*base, "--model-kind", "fleet"])
+    assert step.exit_code == 0 and fleet.exit_code == 0, (step.output, fleet.output)
+    a, b = json.loads(step.stdout), json.loads(fleet.stdout)
+    assert a["finished"] == b["finished"] == 60
+    for key in ("ttft_p50", "itl_p50", "latency_p90"):
+        assert b[key] == pytest.approx(a[key], rel=0.03)
+    bad = CliRunner().invoke(app, [*base, "--model-kind", "bogus"])
+    assert bad.exit_code == 2 and "--model-kind" in bad.output
