@@ -40,6 +40,12 @@ def twin(
     fast_decode: bool = typer.Option(
         False, help="Advance all-decode batches in closed form (large fleets; ~1% off per-step)."
     ),
+    model_kind: str = typer.Option(
+        "auto",
+        help="Worker model: step (a real EngineCore per worker, step by step), fleet "
+        "(twin/fleet.py: count-based workers, decode in closed form between batch changes; "
+        "streamed percentiles) or auto (fleet above 100 workers).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run the twin and print TTFT / ITL / latency percentiles and throughput."""
@@ -76,6 +82,20 @@ def twin(
     except (OSError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if model_kind not in ("auto", "step", "fleet"):
+        typer.echo(f"error: --model-kind must be auto, step or fleet, got {model_kind!r}", err=True)
+        raise typer.Exit(2)
+    fleet = model_kind == "fleet" or (model_kind == "auto" and workers > 100)
+    config = SimConfig(
+        workers=workers,
+        num_kv_blocks=kv_blocks,
+        block_size=block_tokens,
+        router=router,
+        fast_decode=fast_decode,
+    )
+    if fleet:
+        _run_fleet(config, step_time, specs, json_out)
+        return
     sim = Simulator(
         SimConfig(
             workers=workers,
@@ -96,6 +116,37 @@ def twin(
         typer.echo(json.dumps(summary.as_dict()))
         return
     table = Table(title=f"twin: {workers} workers, {len(records)} requests")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.as_dict().items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _run_fleet(config: object, step_time: object, specs: list, json_out: bool) -> None:
+    """The fleet model's run and summary (same keys as the step model's)."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from tokenfab.twin.fleet import FleetRequest, FleetSimulator, summarize_fleet
+    from tokenfab.twin.sim import SimConfig
+    from tokenfab.twin.step_time import LinearStepTime
+
+    assert isinstance(config, SimConfig) and isinstance(step_time, LinearStepTime)
+    sim = FleetSimulator(config, step_time)
+    requests = [FleetRequest.from_spec(s, config.block_size) for s in specs]
+    horizon = max((r.arrival for r in requests), default=0.0)
+    with Progress(console=Console(stderr=True), disable=json_out, transient=True) as bar:
+        task = bar.add_task("virtual time", total=horizon or 1.0)
+        stats = sim.run(requests, progress=lambda t: bar.update(task, completed=min(t, horizon)))
+    summary = summarize_fleet(stats)
+    if json_out:
+        typer.echo(json.dumps(summary.as_dict()))
+        return
+    table = Table(title=f"twin (fleet model): {config.workers} workers, {stats.requests} requests")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.as_dict().items():
