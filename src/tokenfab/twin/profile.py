@@ -32,10 +32,10 @@ class StepSample:
 
 @dataclass(frozen=True, slots=True)
 class ProfileGrid:
-    prefill_lens: tuple[int, ...] = (32, 128, 512, 1024)
-    decode_batches: tuple[int, ...] = (1, 4, 16, 32)
-    context_lens: tuple[int, ...] = (64, 512)
-    decode_steps: int = 8
+    prefill_lens: tuple[int, ...] = (32, 128, 512)
+    decode_batches: tuple[int, ...] = (1, 4, 8, 16)
+    context_lens: tuple[int, ...] = (64, 256)
+    decode_steps: int = 6
     """Decode steps timed per (batch, context) point."""
     repeats: int = 2
 
