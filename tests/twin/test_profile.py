@@ -86,3 +86,18 @@ def test_profile_command_rejects_a_bad_grid(tmp_path: Path) -> None:
     )
     assert r.exit_code == 2
     assert "--decode-batches" in r.output
+
+
+@pytest.mark.slow
+def test_profile_pools_the_steps_of_concurrent_engines(tiny_llama: Path, tmp_path: Path) -> None:
+    grid = ["--prefill-lens", "16", "--decode-batches", "2", "--context-lens", "24",
+            "--decode-steps", "2", "--repeats", "1", "--num-threads", "1", "--json"]  # fmt: skip
+    counts = []
+    for engines in (1, 2):
+        out = tmp_path / f"p{engines}.json"
+        args = ["twin", "profile", "--model", str(tiny_llama), "--out", str(out),
+                "--engines", str(engines), *grid]  # fmt: skip
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        counts.append(json.loads(r.output.strip().splitlines()[-1])["samples"])
+    assert counts[1] == 2 * counts[0]

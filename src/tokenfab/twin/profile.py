@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -123,8 +124,12 @@ class ProfileEngine:
     """None: the engine tunes its thread count while running, as `serve` does."""
 
 
-def measure(settings: ProfileEngine, grid: ProfileGrid, seed: int = 0) -> list[StepSample]:
-    """Run the grid through a real engine; return every step's features and wall seconds."""
+def measure(
+    settings: ProfileEngine, grid: ProfileGrid, seed: int = 0, start: Any = None
+) -> list[StepSample]:
+    """Run the grid through a real engine; return every step's features and wall seconds.
+    `start`: a barrier all concurrent engines pass once loaded and warm, so their grids
+    overlap (otherwise the first loaded would time steps with fewer neighbours busy)."""
     from tokenfab.config import EngineConfig
     from tokenfab.engine.engine import LLMEngine
     from tokenfab.protocol import GenerateRequest, SamplingParams
@@ -141,6 +146,8 @@ def measure(settings: ProfileEngine, grid: ProfileGrid, seed: int = 0) -> list[S
         )
     )
     engine.warm_up()
+    if start is not None:
+        start.wait()
     samples: list[StepSample] = []
     shape: list[tuple[int, int, int]] = []
     runner = engine.runner
@@ -192,7 +199,7 @@ def measure(settings: ProfileEngine, grid: ProfileGrid, seed: int = 0) -> list[S
     return samples
 
 
-def _measure_in_child(args: tuple[ProfileEngine, ProfileGrid, int]) -> list[StepSample]:
+def _measure_in_child(args: tuple[ProfileEngine, ProfileGrid, int, Any]) -> list[StepSample]:
     return measure(*args)
 
 
@@ -205,6 +212,8 @@ def measure_concurrent(
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(engines) as pool:
-        parts = pool.map(_measure_in_child, [(settings, grid, seed + i) for i in range(engines)])
+    with ctx.Manager() as manager, ctx.Pool(engines) as pool:
+        start = manager.Barrier(engines)
+        jobs = [(settings, grid, seed + i, start) for i in range(engines)]
+        parts = pool.map(_measure_in_child, jobs)
     return [s for part in parts for s in part]
