@@ -17,6 +17,7 @@ app = typer.Typer(
 
 @app.callback(invoke_without_command=True)
 def twin(
+    ctx: typer.Context,
     trace: str | None = typer.Option(
         None,
         help="Mooncake jsonl or Azure csv trace: a path, or mooncake | azure-conv | azure-code.",
@@ -49,6 +50,8 @@ def twin(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run the twin and print TTFT / ITL / latency percentiles and throughput."""
+    if ctx.invoked_subcommand is not None:
+        return
     import itertools
     import json
 
@@ -152,3 +155,100 @@ def _run_fleet(config: object, step_time: object, specs: list, json_out: bool) -
     for key, value in summary.as_dict().items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
+
+
+def _sizes(text: str, name: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{name}: comma-separated integers, got {text!r}") from None
+    return sizes
+
+
+@app.command("profile")
+def profile(
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="HF model folder or .gguf (default: SmolLM2-135M-Instruct)."
+    ),
+    out: Path = typer.Option(Path("twin-profile.json"), "--out", "-o", help="Profile JSON."),
+    engines: int = typer.Option(
+        1,
+        min=1,
+        help="Engine processes running the grid at once (match `serve --workers` to measure "
+        "the contention of that many engines on this machine's cores).",
+    ),
+    prefill_lens: str = typer.Option("32,128,512", help="Prefill prompt lengths."),
+    decode_batches: str = typer.Option("1,8,32", help="Decode batch sizes."),
+    context_lens: str = typer.Option("64,512", help="Context lengths of the decode batches."),
+    decode_steps: int = typer.Option(6, min=1, help="Decode steps per (batch, context) point."),
+    repeats: int = typer.Option(2, min=1, help="Times the whole grid runs."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (as serve)."),
+    block_size: int = typer.Option(16, min=1, help="Tokens per KV block."),
+    kv_blocks: int = typer.Option(2048, min=1, help="KV blocks of the profiled engine."),
+    max_num_batched_tokens: int = typer.Option(2048, min=1, help="Token budget of one step."),
+    num_threads: int | None = typer.Option(
+        None, help="Torch threads per engine (default: tuned while running, as serve)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the random prompts."),
+    json_out: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
+) -> None:
+    """Fit a step-time profile (fixed + per prefill token + per decoding sequence + per
+    context token) from real engine steps of a model on this machine; save it as JSON for
+    `tokenfab twin --profile`."""
+    import json
+    from dataclasses import asdict
+
+    from rich.console import Console
+
+    from tokenfab.twin.profile import ProfileEngine, ProfileGrid, fit, measure_concurrent
+
+    try:
+        grid = ProfileGrid(
+            prefill_lens=_sizes(prefill_lens, "--prefill-lens"),
+            decode_batches=_sizes(decode_batches, "--decode-batches"),
+            context_lens=_sizes(context_lens, "--context-lens"),
+            decode_steps=decode_steps,
+            repeats=repeats,
+        )
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    settings = ProfileEngine(
+        model=model,
+        dtype=dtype,
+        block_size=block_size,
+        num_kv_blocks=kv_blocks,
+        max_num_batched_tokens=max_num_batched_tokens,
+        num_threads=num_threads,
+    )
+    console = Console(stderr=True)
+    try:
+        with console.status(f"profiling: {engines} engine(s) running the grid"):
+            samples = measure_concurrent(settings, grid, engines, seed)
+        result = fit(samples)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.step_time.save(out)
+    except (OSError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    doc = {
+        "profile": asdict(result.step_time),
+        "samples": result.samples,
+        "rel_rms_error": result.rel_rms_error,
+        "mean_abs_error_pct": result.mean_abs_error_pct,
+        "engines": engines,
+        "out": str(out),
+    }
+    if json_out:
+        typer.echo(json.dumps(doc))
+        return
+    st = result.step_time
+    typer.echo(
+        f"step = {st.base_s * 1e3:.3f} ms + {st.per_prefill_token_s * 1e3:.4f} ms/prefill token"
+        f" + {st.per_decode_seq_s * 1e3:.4f} ms/decoding seq"
+        f" + {st.per_context_token_s * 1e6:.3f} us/context token"
+    )
+    typer.echo(
+        f"fit over {result.samples} steps ({engines} engine(s)): relative RMS error "
+        f"{result.rel_rms_error:.1%}, mean |error| {result.mean_abs_error_pct:.1f}%; saved {out}"
+    )
