@@ -256,7 +256,18 @@ class LoadReport(msgspec.Struct, kw_only=True):
     num_steps: int = 0
     step_time_ema: float = 0.0
     """Seconds per engine step, exponentially averaged (0: no step yet)."""
+    step_age_s: float = 0.0
+    """The step heartbeat: seconds since the engine's last step ended, on the worker's own
+    clock when this report was made. With `running` it tells a hung engine (work, no steps)
+    from an idle one, without comparing clocks across hosts."""
+    state: WorkerState = "serving"
+    state_reason: str = ""
+    """Why the worker is draining or quarantined (empty while serving)."""
 
+
+WorkerState = Literal["serving", "draining", "quarantined"]
+"""serving: takes work; draining: finishing what it has (SIGTERM), takes none; quarantined:
+its engine produced corrupt output (NaN/Inf logits) and it takes no work."""
 
 WorkerRole = Literal["aggregated", "prefill", "decode"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,8 +24,10 @@ from tokenfab.clock import Clock, MonotonicClock
 from tokenfab.config import EngineConfig
 from tokenfab.engine.detokenizer import IncrementalDetokenizer, decode_fn
 from tokenfab.engine.errors import (
+    CorruptLogitsError,
     EngineDeadError,
     EngineError,
+    EngineQuarantinedError,
     InvalidRequestError,
     QueueFullError,
 )
@@ -120,7 +123,12 @@ class LLMEngine:
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)  # a whole prompt must fit one step
         self.runner: Runner = runner or TorchRunner(
-            loaded, num_blocks, bs, num_threads=config.num_threads
+            loaded,
+            num_blocks,
+            bs,
+            num_threads=config.num_threads,
+            fault=config.fault,
+            fault_after_steps=config.fault_after_steps,
         )
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, event_sink)
         self._clock: Clock = clock or MonotonicClock()
@@ -150,6 +158,7 @@ class LLMEngine:
         self._finished = 0
         self._steps = 0
         self._step_time_ema = 0.0
+        self._last_step_end: float | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -339,11 +348,19 @@ class LLMEngine:
                 "step of %d sequences failed; retrying them one by one", len(sched.scheduled)
             )
             logits, failed = self._isolate_failure(sched)
+        # One reduction finds any NaN/Inf (a sum of finite logits this size cannot overflow):
+        # corrupt numbers must never be sampled or reach a client.
+        if logits.numel() and not math.isfinite(float(logits.sum())):
+            self._last_step_end = self._clock.now()
+            raise CorruptLogitsError(
+                f"NaN/Inf in the logits of a step of {len(sched.scheduled)} sequences"
+            )
         self.scheduler.update_computed(sched)
         logits = self._take_prompt_logprobs(sched, logits)
         outputs = self._sample_and_advance(sched, logits)
         self.kv.flush_events()
-        self._record_step_time(self._clock.now() - started)
+        self._last_step_end = end = self._clock.now()
+        self._record_step_time(end - started)
         return failed + outputs
 
     def _record_step_time(self, seconds: float) -> None:
@@ -582,7 +599,13 @@ class LLMEngine:
             requests_finished=self._finished,
             num_steps=self._steps,
             step_time_ema=self._step_time_ema,
+            step_age_s=self.step_age(),
         )
+
+    def step_age(self) -> float:
+        """Seconds since the last step ended (0 before the first): the step heartbeat."""
+        last = self._last_step_end
+        return 0.0 if last is None else max(0.0, self._clock.now() - last)
 
     def kv_snapshot(self, worker_id: str = "") -> KVSnapshot:
         """Every cached block hash with the id of the newest KV event: what a router that
@@ -628,6 +651,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: str | None = None
+        self._quarantined: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -685,6 +709,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._dead is None
 
+    @property
+    def quarantined(self) -> str | None:
+        """Why the engine refuses work after producing corrupt logits (None: it does not)."""
+        return self._quarantined
+
     # ------------------------------------------------------------------ requests
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -694,6 +723,8 @@ class AsyncEngine:
         engine = self.engine
         if self._dead is not None:
             raise EngineDeadError(self._dead)
+        if self._quarantined is not None:
+            raise EngineQuarantinedError(self._quarantined)
         engine.validate(req)
         rid = req.request_id
         if rid in self._queues:
@@ -786,11 +817,26 @@ class AsyncEngine:
                         # Nothing could be scheduled (should not happen: any single request
                         # fits the pool); do not spin.
                         time.sleep(0.005)
+                except CorruptLogitsError as e:
+                    outputs.extend(self._quarantine(engine, str(e)))
                 except Exception as e:  # a bug outside the model: fail all, keep the loop
                     log.exception("engine loop error")
                     outputs.extend(engine.fail_all(f"engine error: {e}"))
             if outputs:
                 self._post(outputs)
+
+    def _quarantine(
+        self, engine: LLMEngine, why: str
+    ) -> list[GenerateOutput | tuple[str, BaseException]]:
+        """Corrupt logits: this engine's numbers cannot be trusted, so it takes no more work
+        and every request fails with EngineQuarantinedError (the worker turns that into
+        `unavailable` and the frontend continues them elsewhere). Their engine state is
+        dropped (nothing of them is sent)."""
+        log.error("engine quarantined: %s", why)
+        self._quarantined = f"quarantined: {why}"
+        error = EngineQuarantinedError(self._quarantined)
+        # fail_all frees their blocks; its error outputs are replaced by the exception.
+        return [(out.request_id, error) for out in engine.fail_all(self._quarantined)]
 
     def _handle(
         self,
@@ -799,7 +845,9 @@ class AsyncEngine:
         outputs: list[GenerateOutput | tuple[str, BaseException]],
     ) -> None:
         kind, arg = cmd
-        if kind == "add":
+        if kind == "add" and self._quarantined is not None:
+            outputs.append((arg.request_id, EngineQuarantinedError(self._quarantined)))
+        elif kind == "add":
             try:
                 engine.add_request(arg)
             except EngineError as e:

@@ -14,6 +14,7 @@ from typing import Any
 from tokenfab.config import EngineConfig, ServerConfig
 from tokenfab.frontend.app import FrontendState, build_app
 from tokenfab.frontend.workers import WorkerPool
+from tokenfab.router.health import HealthConfig
 from tokenfab.router.router import RouterConfig
 from tokenfab.runtime import Runtime
 from tokenfab.serve.processes import EngineProcesses
@@ -31,9 +32,20 @@ class ServingStack:
     private runtime (`worker.processes`); otherwise everything shares this process and its
     event loop (embedding, tests that inspect the engines)."""
 
-    def __init__(self, engine: EngineConfig, server: ServerConfig, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        engine: EngineConfig,
+        server: ServerConfig,
+        log_level: str = "info",
+        engine_overrides: dict[str, EngineConfig] | None = None,
+    ) -> None:
+        """`engine_overrides`: the config of particular engine processes by worker id (fault
+        injection in resilience tests)."""
         if server.workers < 1:
             raise ValueError(f"workers must be at least 1 (got {server.workers})")
+        if server.spares < 0:
+            raise ValueError(f"spares must be at least 0 (got {server.spares})")
+        self.engine_overrides = engine_overrides or {}
         self.engine_config = engine
         self.server_config = server
         self.log_level = log_level
@@ -64,9 +76,9 @@ class ServingStack:
 
     async def _start_in_process(self) -> None:
         self.runtime = Runtime.local()
-        self.pool = WorkerPool(self.runtime, router_config(self.server_config))
+        self.pool = worker_pool(self.runtime, self.server_config)
         self.engines, self.workers = await start_engines(
-            self.runtime, self.engine_config, self.server_config.workers
+            self.runtime, self.engine_config, engine_count(self.server_config)
         )
         await self.pool.start()
         first = self.engines[0]
@@ -83,14 +95,16 @@ class ServingStack:
     async def _start_processes(self) -> None:
         processes = EngineProcesses(
             self.engine_config,
-            self.server_config.workers,
+            engine_count(self.server_config),
             log_level=self.log_level,
             on_exit=self._engine_exited,
+            drain_grace_s=self.server_config.drain_grace_s,
+            overrides=self.engine_overrides,
         )
         self.processes = processes
         await processes.start()
         self.runtime = await Runtime.connect(processes.url, processes.namespace)
-        self.pool = WorkerPool(self.runtime, router_config(self.server_config))
+        self.pool = worker_pool(self.runtime, self.server_config)
         await self.pool.start()
         pool = self.pool
         await processes.wait_ready(
@@ -122,12 +136,31 @@ class ServingStack:
         pool = f"{info.kv_blocks_total} KV blocks of {info.block_size}" if info else "? KV blocks"
         return (
             f"model {state.model_name} ({info.model_path if info else '?'}), "
-            f"{self.server_config.workers} engine worker(s) ({where}, "
+            f"{self.server_config.workers} engine worker(s) "
+            f"(+{self.server_config.spares} spare) ({where}, "
             f"{self.server_config.router_policy} routing), "
             f"max_model_len {state.max_model_len}, "
             f"{pool} "
             "tokens per worker"
         )
+
+
+def engine_count(server: ServerConfig) -> int:
+    """Engines to start: the serving workers and the hot spares."""
+    return server.workers + server.spares
+
+
+def worker_pool(runtime: Runtime, server: ServerConfig) -> WorkerPool:
+    """The frontend's pool with the server's routing and health settings (with spares, only
+    `workers` of the engines serve at a time)."""
+    return WorkerPool(
+        runtime,
+        router_config(server),
+        external_router=server.external_router,
+        health=HealthConfig(hang_timeout_s=server.hang_timeout_s),
+        active_target=server.workers if server.spares else None,
+        canary_interval_s=server.canary_interval_s,
+    )
 
 
 def router_config(server: ServerConfig) -> RouterConfig:
@@ -174,7 +207,7 @@ async def build_remote_frontend(
     runtime: Runtime, server: ServerConfig, tokenizer: str | None, wait_s: float
 ) -> tuple[Any, WorkerPool]:
     """A frontend for the workers found on a shared runtime (waits for the first one)."""
-    pool = WorkerPool(runtime, router_config(server), external_router=server.external_router)
+    pool = worker_pool(runtime, server)
     await pool.start()
     if not pool.workers:
         log.info("waiting up to %.0fs for a worker to register...", wait_s)

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from tokenfab.engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from tokenfab.engine.errors import (
+    EngineDeadError,
+    EngineQuarantinedError,
+    InvalidRequestError,
+    QueueFullError,
+)
 from tokenfab.protocol import (
     KV_EVENTS_TOPIC,
     LOAD_TOPIC,
@@ -34,6 +39,7 @@ from tokenfab.protocol import (
     StatsRequest,
     WorkerInfo,
     WorkerRole,
+    WorkerState,
 )
 from tokenfab.runtime import Registration, RemoteError, RequestContext, Runtime
 from tokenfab.worker.kv_events import KVEventForwarder
@@ -78,6 +84,27 @@ class AggregatedWorker:
         self._lease_ttl = lease_ttl
         self._registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._draining = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        """Set while no generate call is in flight (what a drain waits for)."""
+        self._idle.set()
+
+    @property
+    def state(self) -> tuple[WorkerState, str]:
+        """What the load reports say about this worker, with the reason."""
+        quarantined = self.engine.quarantined
+        if quarantined is not None:
+            return "quarantined", quarantined
+        if self._draining:
+            return "draining", "the worker is shutting down"
+        return "serving", ""
+
+    def load_report(self) -> LoadReport:
+        state, reason = self.state
+        report = load_report(self.worker_id, self.engine.stats())
+        report.state, report.state_reason = state, reason
+        return report
 
     def info(self) -> WorkerInfo:
         engine = self.engine.engine  # AsyncEngine's LLMEngine
@@ -116,6 +143,11 @@ class AggregatedWorker:
     ) -> AsyncIterator[GenerateOutput]:
         finished = False
         first = True
+        state, reason = self.state
+        if state != "serving":  # the frontend tries another worker
+            raise RemoteError("unavailable", f"worker {self.worker_id}: {reason}")
+        self._inflight += 1
+        self._idle.clear()
         try:
             async with contextlib.aclosing(self.engine.generate(request)) as outputs:
                 async for out in outputs:
@@ -128,16 +160,22 @@ class AggregatedWorker:
             raise RemoteError("invalid_request", str(e)) from None
         except QueueFullError as e:
             raise RemoteError("queue_full", str(e)) from None
+        except EngineQuarantinedError as e:
+            self._load_changed.set()  # tell the routers now
+            raise RemoteError("unavailable", f"worker {self.worker_id}: {e}") from None
         except EngineDeadError as e:
             raise RemoteError("unavailable", str(e)) from None
         finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
             if not finished:
                 # The caller went away (or we failed): free the request's KV blocks now.
                 with contextlib.suppress(Exception):
                     await self.engine.abort(request.request_id)
 
     async def _stats(self, request: StatsRequest, ctx: RequestContext) -> AsyncIterator[LoadReport]:
-        yield load_report(self.worker_id, self.engine.stats())
+        yield self.load_report()
 
     async def _snapshot(
         self, request: SnapshotRequest, ctx: RequestContext
@@ -164,9 +202,7 @@ class AggregatedWorker:
                     self._registration = None
                 return
             try:
-                await self.runtime.publish(
-                    LOAD_TOPIC, load_report(self.worker_id, self.engine.stats())
-                )
+                await self.runtime.publish(LOAD_TOPIC, self.load_report())
             except Exception:
                 log.exception("load report of %s failed", self.worker_id)
             # Every interval, and soon after a request's prefill ends or it finishes: a
@@ -175,6 +211,25 @@ class AggregatedWorker:
                 await asyncio.wait_for(self._load_changed.wait(), self._load_interval)
             self._load_changed.clear()
             await asyncio.sleep(min(MIN_LOAD_GAP_S, self._load_interval))
+
+    async def drain(self, grace_s: float) -> bool:
+        """Graceful shutdown, first half: take no new work (the next load report says so, and
+        new calls are refused as `unavailable`, which the frontend retries elsewhere) and wait
+        up to `grace_s` for the requests in flight to finish. True if they all did; what is
+        left when `close()` follows is migrated by the frontend."""
+        self._draining = True
+        self._load_changed.set()
+        with contextlib.suppress(Exception):  # the bus may be down; the refusals still work
+            await self.runtime.publish(LOAD_TOPIC, self.load_report())
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            log.warning(
+                "worker %s: %d request(s) still running after %.1fs; leaving them to migrate",
+                self.worker_id, self._inflight, grace_s,
+            )  # fmt: skip
+            return False
+        return True
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -47,6 +47,8 @@ class ChildSpec(msgspec.Struct, frozen=True):
     cpus: list[int] | None = None
     """CPU affinity of this engine process; None: every CPU of the parent."""
     switch_interval_s: float = 1e-4
+    drain_grace_s: float = 10.0
+    """On SIGTERM: how long in-flight requests may run on before the worker leaves."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec.namespace,
                 spec.worker_id,
                 parent_pid=spec.parent_pid,
+                drain_grace_s=spec.drain_grace_s,
             )
         )
     except KeyboardInterrupt:
