@@ -28,9 +28,7 @@ MAX_TOKENS = 160
 
 
 def _engine(model: Path, **kw: object) -> EngineConfig:
-    return EngineConfig(
-        model=str(model), num_kv_blocks=512, max_model_len=256, num_threads=1, **kw
-    )  # type: ignore[arg-type]
+    return EngineConfig(model=str(model), num_kv_blocks=512, max_model_len=256, num_threads=1, **kw)  # type: ignore[arg-type]
 
 
 def _server(model: Path, overrides: dict[str, EngineConfig] | None = None, **kw: object):
