@@ -4,7 +4,7 @@ SIGSTOP/SIGCONT of another, a third whose logits turn to NaN, and the NATS serve
 is restarted by the supervisor). Prints requests sent, completed, failed, migrated and the
 detection times (fault to the frontend draining or dropping the worker).
 
-    PYTHONPATH=src python benchmarks/chaos.py [--json] [--requests 240] [--concurrency 8]
+    PYTHONPATH=src python benchmarks/chaos.py [--json] [--requests 800] [--concurrency 8]
 
 Goal: failed = 0 and detect_max_s <= 3. There is no peer here: the figure is tokenfab's own.
 """
@@ -50,7 +50,7 @@ def one_request(client: httpx.Client, model: str, i: int, max_tokens: int) -> bo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--requests", type=int, default=240)
+    ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
@@ -68,10 +68,10 @@ def main() -> None:
 
     def schedule() -> None:
         steps = [
-            (3.0, "kill", "worker-0"),
-            (8.0, "stop", "worker-1"),
-            (14.0, "cont", "worker-1"),
-            (20.0, "nats", ""),
+            (2.0, "kill", "worker-0"),
+            (5.0, "stop", "worker-1"),
+            (9.0, "cont", "worker-1"),
+            (12.0, "nats", ""),
         ]
         t0 = time.monotonic()
         for at, kind, wid in steps:
