@@ -161,6 +161,7 @@ def test_nan_logits_quarantine_the_worker_and_no_nan_reaches_a_client(
         assert drain is not None and drain.reason == "quarantined" and "NaN" in drain.detail
         assert _metric(url, "tokenfab_request_migrations_total") >= 1
         assert pool.health.routable(["worker-0", "worker-1"]) == ["worker-0"]
+        assert _metric(url, "tokenfab_worker_drains_total", reason="quarantined") == 1
         assert Run(url, max_tokens=8)() == [t[:8] for t in baseline]  # served by worker-0
     finally:
         srv.stop()

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 
 import msgspec
@@ -393,6 +394,7 @@ class WorkerPool:
             predicted_hit_tokens=self.predicted_hit_tokens,
             actual_hit_tokens=self.actual_hit_tokens,
             event_lag_p50_s=lags[len(lags) // 2] if lags else 0.0,
+            drains=dict(Counter(d.reason for d in self.drains)),
         )
 
     async def stats(self, timeout: float = 2.0) -> list[LoadReport]:
