@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from tokenfab.config import EngineConfig, ServerConfig
-from tokenfab.engine.tiny import make_tiny_model
+from tokenfab.engine.tools.tiny import make_tiny_model
 from tokenfab.serve.server import ServerThread
 
 

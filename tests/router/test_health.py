@@ -93,6 +93,20 @@ def test_quarantine_and_draining_reports() -> None:
     assert m.routable(["w0", "w1", "w2"]) == ["w2"]
 
 
+def test_a_worker_whose_drain_ends_serves_again_but_a_quarantined_one_does_not() -> None:
+    # a role change that timed out: the worker drained, then reports serving again
+    m, _ = monitor("w0", "w1")
+    m.on_report(report("w0", 1, state="draining", state_reason="changing role to prefill"))
+    m.on_report(report("w1", 1, state="quarantined", state_reason="NaN"))
+    assert {d.worker_id for d in m.check()[0]} == {"w0", "w1"}
+    assert m.routable(["w0", "w1"]) == []
+    m.on_report(report("w0", 2))
+    m.on_report(report("w1", 2))
+    drains, restored = m.check()
+    assert drains == [] and restored == ["w0"]
+    assert m.routable(["w0", "w1"]) == ["w0"]
+
+
 def test_canary_mismatch_quarantines_against_the_majority() -> None:
     m, _ = monitor("a", "b", "c")
     m.on_canary("a", [1, 2, 3])

@@ -159,6 +159,8 @@ class HealthMonitor:
             self._drain(report.worker_id, "draining", report.state_reason, migrate=False)
         elif w.drain is not None and w.drain.reason == "hang" and self._recovered(w, report):
             w.drain = None
+        elif w.drain is not None and w.drain.reason == "draining" and report.state == "serving":
+            w.drain = None  # its drain ended without it leaving (a role change that failed)
         if report.running > 0 and report.step_time_ema > 0 and report.state == "serving":
             self._check_straggler(report.worker_id, w, report)
 

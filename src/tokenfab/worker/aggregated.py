@@ -5,6 +5,15 @@ It registers as a `worker` instance (metadata: a `WorkerInfo`), serves `generate
 request), `stats` (a fresh LoadReport) and `kv_snapshot` (its whole prefix cache, for a router
 that missed events), and publishes KVEventBatch on `kv_events` and periodic LoadReport on
 `load`.
+
+It also serves `set_role` (RoleChange in, RoleChangeStatus out): the planner's control
+endpoint. The worker drains (new requests are refused as `unavailable` before any output,
+so the frontend sends them to another worker; the ones in flight run to the end), switches
+role, and announces itself again (a new discovery incarnation carrying the new WorkerInfo).
+
+On SIGTERM (`drain`) it drains the same way, for up to a grace period, before it leaves.
+While draining, and once its engine is quarantined (NaN/Inf logits), its load reports carry
+that `state`, which the frontend's health monitor acts on.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from tokenfab.engine.errors import (
 from tokenfab.protocol import (
     KV_EVENTS_TOPIC,
     LOAD_TOPIC,
+    SET_ROLE_ENDPOINT,
     WORKER_COMPONENT,
     GenerateOutput,
     GenerateRequest,
@@ -35,6 +45,8 @@ from tokenfab.protocol import (
     KVEventBatch,
     KVSnapshot,
     LoadReport,
+    RoleChange,
+    RoleChangeStatus,
     SnapshotRequest,
     StatsRequest,
     WorkerInfo,
@@ -84,11 +96,18 @@ class AggregatedWorker:
         self._lease_ttl = lease_ttl
         self._registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._draining = False
-        self._inflight = 0
+        self._drain_reason: str | None = None
+        """Why new requests are refused while those in flight finish (a role change, or
+        SIGTERM); None while serving. One mechanism for both: see `_drain`."""
+        self._in_flight = 0
         self._idle = asyncio.Event()
         """Set while no generate call is in flight (what a drain waits for)."""
         self._idle.set()
+
+    @property
+    def draining(self) -> bool:
+        """New requests are refused (a role change or a shutdown is under way)."""
+        return self._drain_reason is not None
 
     @property
     def state(self) -> tuple[WorkerState, str]:
@@ -96,8 +115,8 @@ class AggregatedWorker:
         quarantined = self.engine.quarantined
         if quarantined is not None:
             return "quarantined", quarantined
-        if self._draining:
-            return "draining", "the worker is shutting down"
+        if self._drain_reason is not None:
+            return "draining", self._drain_reason
         return "serving", ""
 
     def load_report(self) -> LoadReport:
@@ -129,6 +148,7 @@ class AggregatedWorker:
                 "generate": (GenerateRequest, self._generate),
                 "stats": (StatsRequest, self._stats),
                 "kv_snapshot": (SnapshotRequest, self._snapshot),
+                SET_ROLE_ENDPOINT: (RoleChange, self._set_role),
             },
         )
         loop = asyncio.get_running_loop()
@@ -146,7 +166,7 @@ class AggregatedWorker:
         state, reason = self.state
         if state != "serving":  # the frontend tries another worker
             raise RemoteError("unavailable", f"worker {self.worker_id}: {reason}")
-        self._inflight += 1
+        self._in_flight += 1
         self._idle.clear()
         try:
             async with contextlib.aclosing(self.engine.generate(request)) as outputs:
@@ -166,13 +186,49 @@ class AggregatedWorker:
         except EngineDeadError as e:
             raise RemoteError("unavailable", str(e)) from None
         finally:
-            self._inflight -= 1
-            if self._inflight == 0:
+            self._in_flight -= 1
+            if self._in_flight == 0:
                 self._idle.set()
             if not finished:
                 # The caller went away (or we failed): free the request's KV blocks now.
                 with contextlib.suppress(Exception):
                     await self.engine.abort(request.request_id)
+
+    async def _set_role(
+        self, request: RoleChange, ctx: RequestContext
+    ) -> AsyncIterator[RoleChangeStatus]:
+        def status(phase: str, message: str = "") -> RoleChangeStatus:
+            return RoleChangeStatus(worker_id=self.worker_id, role=self.role, phase=phase,  # type: ignore[arg-type]
+                                    in_flight=self._in_flight, message=message)  # fmt: skip
+
+        if request.role == self.role:
+            yield status("done", f"already {self.role}")
+            return
+        if self._drain_reason is not None:
+            yield status("failed", f"the worker is already draining: {self._drain_reason}")
+            return
+        why = f"changing role to {request.role}"
+        self._begin_drain(why)  # before the first status: no request slips in after it
+        try:
+            yield status("draining")
+            if not await self._wait_idle(request.drain_timeout_s):
+                yield status("failed", f"{self._in_flight} request(s) still running after "
+                                       f"{request.drain_timeout_s:g} s; role unchanged")  # fmt: skip
+                return
+            old = self.role
+            await self.switch_role(request.role)
+            if self._registration is not None:
+                await self._registration.reannounce(msgspec.to_builtins(self.info()))
+            log.info("worker %s: role %s -> %s", self.worker_id, old, self.role)
+        finally:
+            self._undrain(why)
+        yield status("done")
+
+    async def switch_role(self, role: WorkerRole) -> None:
+        """Become `role` (called drained: nothing in flight). The aggregated engine does
+        every role's work, so only the announced role changes here; a disaggregated worker
+        rebinds its prefill/decode handlers."""
+        self.role = role
 
     async def _stats(self, request: StatsRequest, ctx: RequestContext) -> AsyncIterator[LoadReport]:
         yield self.load_report()
@@ -213,23 +269,43 @@ class AggregatedWorker:
             await asyncio.sleep(min(MIN_LOAD_GAP_S, self._load_interval))
 
     async def drain(self, grace_s: float) -> bool:
-        """Graceful shutdown, first half: take no new work (the next load report says so, and
-        new calls are refused as `unavailable`, which the frontend retries elsewhere) and wait
-        up to `grace_s` for the requests in flight to finish. True if they all did; what is
-        left when `close()` follows is migrated by the frontend."""
-        self._draining = True
-        self._load_changed.set()
+        """Graceful shutdown, first half: take no new work and wait up to `grace_s` for the
+        requests in flight to finish. True if they all did; what is left when `close()`
+        follows is migrated by the frontend. Overrides a role change under way (its drain
+        then never ends: the worker is leaving)."""
+        self._begin_drain("the worker is shutting down")
         with contextlib.suppress(Exception):  # the bus may be down; the refusals still work
             await self.runtime.publish(LOAD_TOPIC, self.load_report())
+        if await self._wait_idle(grace_s):
+            return True
+        log.warning(
+            "worker %s: %d request(s) still running after %.1fs; leaving them to migrate",
+            self.worker_id, self._in_flight, grace_s,
+        )  # fmt: skip
+        return False
+
+    def _begin_drain(self, reason: str) -> None:
+        """Refuse new work for `reason` (a role change or a shutdown: one mechanism). The
+        refusals are `unavailable` before any output, which the frontend retries on another
+        worker; the next load report (sent early) says `draining`, so routers stop choosing
+        this worker (a role change's drain ends with the new incarnation, or with a
+        `serving` report if it fails)."""
+        self._drain_reason = reason
+        self._load_changed.set()
+
+    async def _wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the requests in flight to finish; True if they did."""
         try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
-            log.warning(
-                "worker %s: %d request(s) still running after %.1fs; leaving them to migrate",
-                self.worker_id, self._inflight, grace_s,
-            )  # fmt: skip
             return False
         return True
+
+    def _undrain(self, reason: str) -> None:
+        """End the drain for `reason` (not one that replaced it, such as a shutdown)."""
+        if self._drain_reason == reason:
+            self._drain_reason = None
+            self._load_changed.set()
 
     async def close(self) -> None:
         for task in self._tasks:

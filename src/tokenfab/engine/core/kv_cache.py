@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tokenfab.engine.sequence import Sequence
+from tokenfab.engine.core.sequence import Sequence
 from tokenfab.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 EventSink = Callable[[list[KVEvent]], None]
