@@ -9,6 +9,7 @@ from tokenfab.protocol import WorkerRole
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 RouterPolicy = Literal["kv", "round_robin", "random", "least_loaded"]
+LogitsFault = Literal["", "nan", "flip"]
 
 
 @dataclass
@@ -33,6 +34,11 @@ class EngineConfig:
     seed: int = 0
     warm_up: bool = True
     """AsyncEngine runs one short request before serving (see LLMEngine.warm_up)."""
+    fault: LogitsFault = ""
+    """Fault injection for resilience tests, never for serving: from runner step
+    `fault_after_steps` on, the runner poisons its logits with NaN ("nan") or negates them
+    ("flip": silent corruption, wrong greedy tokens)."""
+    fault_after_steps: int = 0
 
 
 @dataclass
@@ -98,3 +104,16 @@ class ServerConfig:
     """Ask a standalone `tokenfab router` on the runtime (routing here when none answers)."""
     planner: EmbeddedPlanner | None = None
     """Run the planner in the server (disaggregated deployments), None: no planner."""
+    spares: int = 0
+    """Extra engine workers kept registered but idle, swapped in when a serving one fails,
+    hangs, straggles, drains or is quarantined."""
+    drain_grace_s: float = 10.0
+    """On SIGTERM a worker takes no new work and finishes its requests for up to this long;
+    what is left then is migrated by the frontend."""
+    hang_timeout_s: float = 1.5
+    """A worker with requests and no engine step for this long (or 4 of its mean steps, if
+    longer) is drained and its requests migrated."""
+    canary_interval_s: float = 0.0
+    """How often each worker answers a canary prompt whose greedy answer is known (the one
+    its peers give); a mismatch quarantines it. 0: no canary (`tokenfab serve` defaults to
+    30 s; the library to none, so embedded engines see only their callers' requests)."""

@@ -277,7 +277,18 @@ class LoadReport(msgspec.Struct, kw_only=True):
     """Blocks kept for other workers to pull (disaggregated prefill)."""
     kv_blocks_imported: int = 0
     """Blocks received from other workers (total)."""
+    step_age_s: float = 0.0
+    """The step heartbeat: seconds since the engine's last step ended, on the worker's own
+    clock when this report was made. With `running` it tells a hung engine (work, no steps)
+    from an idle one, without comparing clocks across hosts."""
+    state: WorkerState = "serving"
+    state_reason: str = ""
+    """Why the worker is draining or quarantined (empty while serving)."""
 
+
+WorkerState = Literal["serving", "draining", "quarantined"]
+"""serving: takes work; draining: finishing what it has (SIGTERM), takes none; quarantined:
+its engine produced corrupt output (NaN/Inf logits) and it takes no work."""
 
 WorkerRole = Literal["aggregated", "prefill", "decode"]
 

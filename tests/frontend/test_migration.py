@@ -70,12 +70,15 @@ def _run_all(url: str, kill: int | None, sig: int = signal.SIGKILL) -> list[list
 def test_engine_lost_mid_stream_loses_nothing_and_greedy_output_is_unchanged(
     tiny_llama: Path, sig: int
 ) -> None:
-    """SIGKILL: the supervisor sees the process die; SIGTERM: the worker leaves discovery and
-    closes its endpoints. Either way its streams continue elsewhere."""
+    """SIGKILL: the supervisor sees the process die; SIGTERM with no drain grace: the worker
+    leaves discovery and closes its endpoints at once. Either way its streams continue
+    elsewhere. (SIGTERM with a grace period: tests/frontend/test_resilience.py.)"""
     engine = EngineConfig(
         model=str(tiny_llama), num_kv_blocks=512, max_model_len=256, num_threads=1
     )
-    config = ServerConfig(port=0, workers=2, engine_processes=True, router_policy="round_robin")
+    config = ServerConfig(
+        port=0, workers=2, engine_processes=True, router_policy="round_robin", drain_grace_s=0
+    )
     srv = ServerThread(engine, config)
     url = srv.start()
     try:

@@ -76,6 +76,9 @@ async def test_role_change_drains_switches_and_reannounces(setup) -> None:
     change = await rt.call("w0", SET_ROLE_ENDPOINT, RoleChange(role="prefill"), RoleChangeStatus)
     statuses.append(await anext(change))
     assert statuses[0].phase == "draining" and statuses[0].in_flight == 1
+    # the same drain as a shutdown's: load reports say so (routers stop choosing it)
+    report = worker.load_report()
+    assert report.state == "draining" and report.state_reason == "changing role to prefill"
     # while draining, a new request is refused before any output (the frontend retries it
     # on another worker)
     with pytest.raises(RemoteError) as e:
@@ -85,6 +88,7 @@ async def test_role_change_drains_switches_and_reannounces(setup) -> None:
     statuses += [s async for s in change]
     assert [s.phase for s in statuses] == ["draining", "done"]
     assert statuses[-1].role == "prefill" and worker.role == "prefill"
+    assert worker.load_report().state == "serving"
 
     # the request in flight finished whole
     outs = await running
@@ -111,5 +115,6 @@ async def test_same_role_and_drain_timeout(setup) -> None:
     out = [s async for s in await rt.call("w0", SET_ROLE_ENDPOINT, quick, RoleChangeStatus)]
     assert [s.phase for s in out] == ["draining", "failed"]
     assert worker.role == "decode" and not worker.draining  # nothing changed, nothing lost
+    assert worker.load_report().state == "serving"
     outs = await running
     assert sum(len(o.token_ids) for o in outs) == 200

@@ -25,8 +25,10 @@ from tokenfab.engine.core.runner import Runner
 from tokenfab.engine.core.scheduler import SchedulerConfig
 from tokenfab.engine.core.step import EngineCore
 from tokenfab.engine.errors import (
+    CorruptLogitsError,
     EngineDeadError,
     EngineError,
+    EngineQuarantinedError,
     InvalidRequestError,
     QueueFullError,
 )
@@ -101,6 +103,8 @@ class LLMEngine(EngineCore):
                 num_threads=config.num_threads,
                 seed=config.seed,
                 tuner=tuner,
+                fault=config.fault,
+                fault_after_steps=config.fault_after_steps,
             )
         tokenizer = self.tokenizer
         super().__init__(
@@ -238,6 +242,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: str | None = None
+        self._quarantined: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -295,6 +300,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._dead is None
 
+    @property
+    def quarantined(self) -> str | None:
+        """Why the engine refuses work after producing corrupt logits (None: it does not)."""
+        return self._quarantined
+
     # ------------------------------------------------------------------ requests
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -304,6 +314,8 @@ class AsyncEngine:
         engine = self.engine
         if self._dead is not None:
             raise EngineDeadError(self._dead)
+        if self._quarantined is not None:
+            raise EngineQuarantinedError(self._quarantined)
         engine.validate(req)
         rid = req.request_id
         if rid in self._queues:
@@ -406,11 +418,26 @@ class AsyncEngine:
                         # Nothing could be scheduled (should not happen: any single request
                         # fits the pool); do not spin.
                         time.sleep(0.005)
+                except CorruptLogitsError as e:
+                    outputs.extend(self._quarantine(engine, str(e)))
                 except Exception as e:  # a bug outside the model: fail all, keep the loop
                     log.exception("engine loop error")
                     outputs.extend(engine.fail_all(f"engine error: {e}"))
             if outputs:
                 self._post(outputs)
+
+    def _quarantine(
+        self, engine: LLMEngine, why: str
+    ) -> list[GenerateOutput | tuple[str, BaseException]]:
+        """Corrupt logits: this engine's numbers cannot be trusted, so it takes no more work
+        and every request fails with EngineQuarantinedError (the worker turns that into
+        `unavailable` and the frontend continues them elsewhere). Their engine state is
+        dropped (nothing of them is sent)."""
+        log.error("engine quarantined: %s", why)
+        self._quarantined = f"quarantined: {why}"
+        error = EngineQuarantinedError(self._quarantined)
+        # fail_all frees their blocks; its error outputs are replaced by the exception.
+        return [(out.request_id, error) for out in engine.fail_all(self._quarantined)]
 
     def _handle(
         self,
@@ -419,7 +446,9 @@ class AsyncEngine:
         outputs: list[GenerateOutput | tuple[str, BaseException]],
     ) -> None:
         kind, arg = cmd
-        if kind == "add":
+        if kind == "add" and self._quarantined is not None:
+            outputs.append((arg.request_id, EngineQuarantinedError(self._quarantined)))
+        elif kind == "add":
             try:
                 engine.add_request(arg)
             except EngineError as e:

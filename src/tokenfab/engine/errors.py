@@ -18,3 +18,12 @@ class QueueFullError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine is not running (not started, shut down, or its loop crashed)."""
+
+
+class CorruptLogitsError(EngineError):
+    """A step's logits held NaN or Inf: the step is thrown away, nothing of it is sampled."""
+
+
+class EngineQuarantinedError(EngineDeadError):
+    """The engine produced corrupt output and takes no work (the frontend moves its requests
+    to another worker)."""

@@ -1,7 +1,8 @@
 """The real runner: the model (`ModelRunner`) plus everything that turns logits into tokens.
 
 Per step: the thread count the tuner picks, the model over the batch (a failing batch is
-re-run chunk by chunk so only the requests that fail alone fail), prompt logprobs from the
+re-run chunk by chunk so only the requests that fail alone fail), a NaN/Inf check on the
+logits (CorruptLogitsError: the engine is quarantined), prompt logprobs from the
 all-logits rows, the grammar masks, one batched sampling call, and each grammar fed its token.
 Per request it keeps what sampling needs beyond the sequence: the seeded generator, the
 tokens suppressed below min_tokens, and the grammar matcher.
@@ -10,6 +11,7 @@ tokens suppressed below min_tokens, and the grammar matcher.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenfab.engine.core.batch import PromptLogprobs, SampledToken, StepBatch, StepResult
-from tokenfab.engine.errors import InvalidRequestError
+from tokenfab.engine.errors import CorruptLogitsError, InvalidRequestError
 from tokenfab.engine.model.runner import ModelRunner
 from tokenfab.engine.sampler import (
     Sampler,
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import TypeVar
 
+    from tokenfab.config import LogitsFault
     from tokenfab.engine.core.scheduler import SchedulerOutput
     from tokenfab.engine.core.sequence import Sequence
     from tokenfab.engine.model.loader import LoadedModel
@@ -65,8 +68,19 @@ class TorchRunner:
         num_threads: int | None = None,
         seed: int = 0,
         tuner: ThreadTuner | None = None,
+        fault: LogitsFault = "",
+        fault_after_steps: int = 0,
     ) -> None:
-        self.model_runner = ModelRunner(loaded, num_blocks, block_size, num_threads=num_threads)
+        """`fault`, `fault_after_steps`: resilience tests only (EngineConfig.fault), passed
+        to the ModelRunner, which poisons its logits from that step on."""
+        self.model_runner = ModelRunner(
+            loaded,
+            num_blocks,
+            block_size,
+            num_threads=num_threads,
+            fault=fault,
+            fault_after_steps=fault_after_steps,
+        )
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.tokenizer = loaded.tokenizer
@@ -140,6 +154,13 @@ class TorchRunner:
                 "step of %d sequences failed; retrying them one by one", len(sched.scheduled)
             )
             logits = self._isolate_failure(sched, result)
+        # One reduction finds any NaN/Inf (a sum of finite logits this size cannot overflow):
+        # corrupt numbers must never be sampled or reach a client. Raised past the step loop,
+        # which quarantines the engine (AsyncEngine) rather than failing requests one by one.
+        if logits.numel() and not math.isfinite(float(logits.sum())):
+            raise CorruptLogitsError(
+                f"NaN/Inf in the logits of a step of {len(sched.scheduled)} sequences"
+            )
         logits = self._take_prompt_logprobs(sched, logits, result)
         self._sample(sched, logits, result)
         return result

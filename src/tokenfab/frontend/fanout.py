@@ -24,6 +24,9 @@ MAX_ATTEMPTS = 3
 """Workers tried for one engine request whose worker vanishes before its first output."""
 MAX_MIGRATIONS = 2
 """Times one engine request may move to another worker after its worker died mid-stream."""
+MIGRATION_WAIT_S = 20.0
+"""How long a migration waits for a worker to take it when none is there (the runtime's
+NATS server restarting drops every worker from discovery until they heartbeat again)."""
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +181,27 @@ class Fanout:
         )
         log.warning("request %s: %s; continuing on another worker", req.request_id, why)
         self._metrics.migrations.inc()
-        stream = await self._pool.generate(cont, exclude=[dead])
+        stream = await self._generate_when_possible(cont, dead)
         self._streams[i] = stream
         return stream
+
+    async def _generate_when_possible(
+        self, req: GenerateRequest, dead: str
+    ) -> ResponseStream[GenerateOutput]:
+        """Send a continuation to a worker other than `dead`; while none can take it (all
+        gone for a moment), retry for up to MIGRATION_WAIT_S, then with `dead` allowed too
+        (it may have been cut off, not killed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MIGRATION_WAIT_S
+        while True:
+            exclude = [dead] if loop.time() < deadline else []
+            try:
+                return await self._pool.generate(req, exclude=exclude)
+            except Exception as e:
+                if loop.time() > deadline + MIGRATION_WAIT_S / 4:
+                    raise
+                log.info("request %s: no worker takes it yet (%s); waiting", req.request_id, e)
+                await asyncio.sleep(0.25)
 
     def _observe(self, i: int, out: GenerateOutput) -> None:
         now = time.monotonic()

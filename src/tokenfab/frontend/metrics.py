@@ -8,7 +8,7 @@ preemptions) come from the workers' LoadReports, refreshed when /metrics is scra
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -120,6 +120,15 @@ class RouterCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        drains = CounterMetricFamily(
+            "tokenfab_worker_drains",
+            "Workers drained by the health monitor, by reason (hang, straggler, quarantined, "
+            "canary, draining).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(m.drains.items()):
+            drains.add_metric([reason], n)
+        yield drains
         yield GaugeMetricFamily(
             "tokenfab_router_event_lag_seconds",
             "Median delay from a worker publishing KV events to the router applying them.",
@@ -133,6 +142,8 @@ class RouterMetrics:
     predicted_hit_tokens: int
     actual_hit_tokens: int
     event_lag_p50_s: float
+    drains: dict[str, int] = field(default_factory=dict)
+    """Health-monitor drains so far, by reason."""
 
 
 class FrontendMetrics:

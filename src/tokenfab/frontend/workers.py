@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
+from collections import Counter
 from collections.abc import Sequence
 
 import msgspec
@@ -33,11 +35,13 @@ from tokenfab.protocol import (
     RemotePrefill,
     RouteRequest,
     RouteResponse,
+    SamplingParams,
     SnapshotRequest,
     StatsRequest,
     WorkerInfo,
 )
 from tokenfab.router.disagg import DisaggConfig, should_prefill_remotely
+from tokenfab.router.health import Drain, HealthConfig, HealthMonitor
 from tokenfab.router.router import NoWorkerError, RouteDecision, Router, RouterConfig
 from tokenfab.runtime import (
     InstanceInfo,
@@ -48,6 +52,12 @@ from tokenfab.runtime import (
 )
 
 log = logging.getLogger(__name__)
+
+HEALTH_CHECK_S = 0.25
+"""How often the health monitor looks for hangs (detection lags the timeout by at most this)."""
+CANARY_PROMPT = list(range(10, 42))
+"""Token ids of the canary prompt (valid in any vocabulary of 42+ tokens)."""
+CANARY_TOKENS = 8
 
 
 def worker_info(instance: InstanceInfo) -> WorkerInfo | None:
@@ -70,12 +80,24 @@ class WorkerPool:
         clock: Clock | None = None,
         external_router: bool = False,
         disagg: DisaggConfig | None = None,
+        health: HealthConfig | None = None,
+        active_target: int | None = None,
+        canary_interval_s: float = 0.0,
     ) -> None:
         """`external_router`: ask a `tokenfab router` on the runtime instead of the embedded
-        router (which still routes when none answers)."""
+        router (which still routes when none answers). `health`: hang/straggler thresholds;
+        `active_target`: with hot spares, how many workers serve (None: all);
+        `canary_interval_s`: how often each worker answers the canary (0: never)."""
         self.runtime = runtime
         self.clock = clock or MonotonicClock()
         self.router = Router(router or RouterConfig(), self.clock)
+        self.health = HealthMonitor(health or HealthConfig(), self.clock, active_target)
+        self.canary_interval_s = canary_interval_s
+        self.drains: list[Drain] = []
+        """Every drain verdict so far."""
+        self.incidents: list[tuple[float, str, str]] = []
+        """(clock time, worker id, what): every drain and every worker lost (the chaos
+        benchmark reads detection times here)."""
         self._workers: dict[str, InstanceInfo] = {}
         self.infos: dict[str, WorkerInfo] = {}
         self._active: dict[str, set[ResponseStream[GenerateOutput]]] = {}
@@ -108,7 +130,10 @@ class WorkerPool:
             loop.create_task(self._watch()),
             loop.create_task(self._consume_events(events)),
             loop.create_task(self._consume_loads(loads)),
+            loop.create_task(self._watch_health()),
         ]
+        if self.canary_interval_s > 0:
+            self._tasks.append(loop.create_task(self._canaries()))
 
     # ------------------------------------------------------------------ discovery
 
@@ -132,6 +157,7 @@ class WorkerPool:
         self._workers[wid] = instance
         self.infos[wid] = info
         self.router.add_worker(wid, info)
+        self.health.add_worker(wid)
         self._changed.set()
         # A worker seen for the first time may have cached blocks already (this frontend
         # started late, or the worker was restarted): learn its state from a snapshot.
@@ -141,10 +167,12 @@ class WorkerPool:
         """Drop a worker known to be gone (discovery said so, or its process exited): its
         streams in flight fail now instead of waiting for a lease to expire, and the router
         stops counting its cache. Discovery adds it back when it registers again."""
-        self._workers.pop(worker_id, None)
+        if self._workers.pop(worker_id, None) is not None:
+            self.incidents.append((self.clock.now(), worker_id, f"gone: {reason}"))
         self.infos.pop(worker_id, None)
         self._resyncing.discard(worker_id)
         self.router.remove_worker(worker_id)
+        self.health.remove_worker(worker_id)
         for stream in list(self._active.pop(worker_id, ())):
             stream.fail("unavailable", f"worker {worker_id} {reason}")
         self._changed.set()
@@ -182,8 +210,75 @@ class WorkerPool:
             if report.worker_id not in self._workers:
                 continue
             self.router.on_load(report)
+            self.health.on_report(report)
             for wid in self.router.workers_needing_resync():
                 self._resync(wid)
+
+    # ------------------------------------------------------------------ health
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_S)
+            self.apply_health()
+
+    def apply_health(self) -> None:
+        """Act on the health monitor's new verdicts: a drained worker gets no new work, and
+        one that hangs or is corrupt loses its requests in flight (they migrate, and the
+        worker is told to abort them in case it resumes)."""
+        drains, restored = self.health.check()
+        for d in drains:
+            self.drains.append(d)
+            self.incidents.append((d.at, d.worker_id, d.reason))
+            log.warning("worker %s drained (%s): %s", d.worker_id, d.reason, d.detail)
+            if d.migrate:
+                for stream in list(self._active.get(d.worker_id, ())):
+                    stream.abandon("unavailable", f"worker {d.worker_id} {d.reason}: {d.detail}")
+        for wid in restored:
+            log.warning("worker %s serves again", wid)
+        if restored:
+            self._changed.set()
+
+    async def _canaries(self) -> None:
+        """Each worker answers the canary prompt greedily, now and every interval; the health
+        monitor compares the answers (a wrong one quarantines its worker)."""
+        asked: set[str] = set()
+        next_round = self.clock.now()
+        while True:
+            due = self.clock.now() >= next_round
+            ids = [
+                w
+                for w in sorted(self._workers)
+                if (due or w not in asked) and self.health.drained(w) is None
+            ]
+            if due:
+                next_round = self.clock.now() + self.canary_interval_s
+            asked.update(ids)
+            if ids:
+                await asyncio.gather(*(self._canary(w) for w in ids))
+            await asyncio.sleep(min(1.0, self.canary_interval_s))
+
+    async def _canary(self, worker_id: str, timeout: float = 10.0) -> None:
+        request = GenerateRequest(
+            request_id=f"canary-{worker_id}-{uuid.uuid4().hex[:8]}",
+            prompt_token_ids=CANARY_PROMPT,
+            sampling=SamplingParams(max_tokens=CANARY_TOKENS, temperature=0.0, ignore_eos=True),
+        )
+        tokens: list[int] = []
+        try:
+            stream = await self.runtime.call(worker_id, "generate", request, GenerateOutput)
+            async with stream:
+
+                async def collect() -> None:
+                    async for out in stream:
+                        tokens.extend(out.token_ids)
+
+                await asyncio.wait_for(collect(), timeout)
+        except Exception as e:  # a dead or hung worker is the other detectors' business
+            log.info("canary on %s got no answer: %r", worker_id, e)
+            return
+        if len(tokens) == CANARY_TOKENS and worker_id in self._workers:
+            self.health.on_canary(worker_id, tokens)
+            self.apply_health()
 
     def _note_lag(self, lag: float) -> None:
         self.event_lag_s.append(max(0.0, lag))
@@ -237,9 +332,10 @@ class WorkerPool:
         candidates: list[str] | None = None,
     ) -> RouteDecision:
         """The router's choice among `candidates` (default: the live workers minus
-        `exclude`)."""
+        `exclude`), leaving out workers the health monitor has drained or quarantined."""
         if candidates is None:
             candidates = [w for w in sorted(self._workers) if w not in exclude]
+        candidates = self.health.routable(candidates)
         if not candidates:
             raise InstanceUnavailable("no worker is available")
         try:
@@ -256,7 +352,7 @@ class WorkerPool:
                 request_id=rid, block_hashes=hashes, num_prompt_tokens=n, exclude=list(exclude)
             )
             remote = await self._route_remote(ask)
-            if remote is not None and remote.worker_id in self._workers:
+            if remote is not None and self.health.routable([remote.worker_id]):
                 self.predicted_hit_tokens += remote.predicted_hit_tokens
                 return remote.worker_id
         return self.route_hashes(rid, hashes, n, exclude).worker_id
@@ -324,9 +420,11 @@ class WorkerPool:
             raise
         active = self._active.setdefault(wid, set())
         active.add(stream)
+        self.health.on_stream_opened(wid)
 
         def done(s: ResponseStream[GenerateOutput]) -> None:
             active.discard(s)
+            self.health.on_stream_closed(wid)
             self.router.on_request_finished(rid)
             self.router.on_request_finished(f"{rid}#prefill")
 
@@ -347,6 +445,7 @@ class WorkerPool:
             predicted_hit_tokens=self.predicted_hit_tokens,
             actual_hit_tokens=self.actual_hit_tokens,
             event_lag_p50_s=lags[len(lags) // 2] if lags else 0.0,
+            drains=dict(Counter(d.reason for d in self.drains)),
         )
 
     async def stats(self, timeout: float = 2.0) -> list[LoadReport]:

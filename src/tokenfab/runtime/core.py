@@ -113,6 +113,15 @@ class ResponseStream(Generic[T]):
             self._failure = RemoteError(code, message)
             self._finish()
 
+    def abandon(self, code: str, message: str) -> None:
+        """`fail` here and cancel the call on the serving side: for a worker that is alive but
+        must lose this request (it hangs or is quarantined), so it aborts it if it resumes."""
+        if not self._done:
+            self._bus.publish_soon(
+                self._cancel_to, _enc.encode(CancelFrame(stream_id=self.stream_id))
+            )
+            self.fail(code, message)
+
     def __aiter__(self) -> ResponseStream[T]:
         return self
 

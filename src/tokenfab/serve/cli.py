@@ -164,6 +164,18 @@ def register(app: typer.Typer) -> None:
         ),
         planner_interval: float = typer.Option(10.0, help="Planner: seconds between steps."),
         planner_cooldown: float = typer.Option(30.0, help="Planner: seconds between moves."),
+        spares: int = typer.Option(
+            0, min=0, help="Hot spares: extra idle workers swapped in when one fails."
+        ),
+        drain_grace: float = typer.Option(
+            10.0, help="Seconds a SIGTERMed worker may finish its requests before they migrate."
+        ),
+        hang_timeout: float = typer.Option(
+            1.5, help="Seconds with requests and no engine step before a worker is drained."
+        ),
+        canary_interval: float = typer.Option(
+            30.0, help="Seconds between canary checks of each worker (0: none)."
+        ),
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health,
@@ -195,6 +207,10 @@ def register(app: typer.Typer) -> None:
             )
             if planner
             else None,
+            spares=spares,
+            drain_grace_s=drain_grace,
+            hang_timeout_s=hang_timeout,
+            canary_interval_s=canary_interval,
             **_router_options(router, overlap_weight, router_temperature),
         )
         _run(run(engine, server, log_level=log_level.lower()), host, port)
@@ -223,6 +239,11 @@ def register(app: typer.Typer) -> None:
         num_threads: int = typer.Option(
             None, help="Torch threads per engine (default: tuned while running)."
         ),
+        drain_grace: float = typer.Option(
+            10.0,
+            help="On SIGTERM: seconds in-flight requests may run on (no new work is taken); "
+            "the frontend migrates what is left.",
+        ),
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Run engine worker(s) on a shared runtime (no HTTP); `tokenfab frontend` serves them."""
@@ -232,7 +253,17 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown role {role!r}", param_hint="--role")
         engine = _engine_config(**locals())
         _logging(log_level)
-        _run(run_worker(engine, runtime, namespace, worker_id, workers, role=role))  # type: ignore[arg-type]
+        _run(
+            run_worker(
+                engine,
+                runtime,
+                namespace,
+                worker_id,
+                workers,
+                role=role,  # type: ignore[arg-type]
+                drain_grace_s=drain_grace,
+            )
+        )
 
     @app.command("frontend")
     def frontend(

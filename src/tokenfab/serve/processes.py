@@ -79,9 +79,13 @@ class EngineProcesses:
         restart_delay_s: float = 1.0,
         stable_s: float = 60.0,
         roles: list[WorkerRole] | None = None,
+        drain_grace_s: float = 10.0,
+        overrides: dict[str, EngineConfig] | None = None,
     ) -> None:
         """`roles`: one per engine (default: all aggregated); ids are `<role>-<i>` for
-        prefill/decode workers."""
+        prefill/decode workers. `drain_grace_s`: a SIGTERMed engine's time to finish its
+        requests; `overrides`: the config of particular workers by id (fault-injection
+        tests)."""
         if count < 1:
             raise ValueError(f"need at least one engine process (got {count})")
         self.engine = engine
@@ -94,6 +98,8 @@ class EngineProcesses:
         self.max_restarts = max_restarts
         self.restart_delay_s = restart_delay_s
         self.stable_s = stable_s
+        self.drain_grace_s = drain_grace_s
+        self.overrides = overrides or {}
         self.namespace = f"serve-{uuid.uuid4().hex[:8]}"
         self.nats: NatsServer | None = None
         self.children: dict[str, _Child] = {}
@@ -128,12 +134,13 @@ class EngineProcesses:
                 runtime_url=self.url,
                 namespace=self.namespace,
                 worker_id=wid,
-                engine=self.engine,
+                engine=self.overrides.get(wid, self.engine),
                 parent_pid=os.getpid(),
                 log_level=self.log_level,
                 cpus=cpus,
                 switch_interval_s=sys.getswitchinterval(),
                 role=role,
+                drain_grace_s=self.drain_grace_s,
             )
             self.children[wid] = _Child(spec, await self._spawn(spec), started=_now())
         loop = asyncio.get_running_loop()
@@ -200,6 +207,9 @@ class EngineProcesses:
             except RuntimeError as e:
                 log.error("%s", e)
 
+    def pid_of(self, worker_id: str) -> int:
+        return self.children[worker_id].proc.pid
+
     def pids(self) -> dict[str, int]:
         return {wid: c.proc.pid for wid, c in self.children.items()}
 
@@ -209,6 +219,10 @@ class EngineProcesses:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
         procs = [c.proc for c in self.children.values() if c.proc.returncode is None]
+        for proc in procs:
+            # A stopped (SIGSTOP) engine would never see the SIGTERM.
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)

@@ -124,8 +124,10 @@ class ServerThread:
         engine: EngineConfig,
         server: ServerConfig | None = None,
         log_level: str = "warning",
+        engine_overrides: dict[str, EngineConfig] | None = None,
     ) -> None:
         self.engine_config = engine
+        self.engine_overrides = engine_overrides
         self.server_config = server or ServerConfig(port=0, engine_processes=False)
         self.log_level = log_level
         self.url = ""
@@ -153,7 +155,7 @@ class ServerThread:
         sc = self.server_config
         sock = bind_socket(sc.host, sc.port)
         self.url = url_of(sock)
-        stack = ServingStack(self.engine_config, sc, self.log_level)
+        stack = ServingStack(self.engine_config, sc, self.log_level, self.engine_overrides)
         try:
             await stack.start()
             self.stack = stack

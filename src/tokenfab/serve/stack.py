@@ -17,7 +17,9 @@ from tokenfab.frontend.workers import WorkerPool
 from tokenfab.kv.transfer import LocalDataPlane
 from tokenfab.planner import Capacity, PlannerConfig
 from tokenfab.planner.service import PlannerService
+from tokenfab.protocol import WorkerRole
 from tokenfab.router.disagg import DisaggConfig
+from tokenfab.router.health import HealthConfig
 from tokenfab.router.router import RouterConfig
 from tokenfab.runtime import Runtime
 from tokenfab.serve.processes import EngineProcesses
@@ -35,10 +37,21 @@ class ServingStack:
     private runtime (`worker.processes`); otherwise everything shares this process and its
     event loop (embedding, tests that inspect the engines)."""
 
-    def __init__(self, engine: EngineConfig, server: ServerConfig, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        engine: EngineConfig,
+        server: ServerConfig,
+        log_level: str = "info",
+        engine_overrides: dict[str, EngineConfig] | None = None,
+    ) -> None:
+        """`engine_overrides`: the config of particular engine processes by worker id (fault
+        injection in resilience tests)."""
         if server.workers < 1:
             raise ValueError(f"workers must be at least 1 (got {server.workers})")
         server.roles()  # raises on a half-disaggregated layout
+        if server.spares < 0:
+            raise ValueError(f"spares must be at least 0 (got {server.spares})")
+        self.engine_overrides = engine_overrides or {}
         self.engine_config = engine
         self.server_config = server
         self.log_level = log_level
@@ -72,8 +85,8 @@ class ServingStack:
 
     async def _start_in_process(self) -> None:
         self.runtime = Runtime.local()
-        self.pool = pool_for(self.runtime, self.server_config)
-        roles = self.server_config.roles()
+        self.pool = worker_pool(self.runtime, self.server_config)
+        roles = engine_roles(self.server_config)
         self.engines, self.workers = await start_engines(
             self.runtime,
             self.engine_config,
@@ -94,18 +107,20 @@ class ServingStack:
         )
 
     async def _start_processes(self) -> None:
-        roles = self.server_config.roles()
+        roles = engine_roles(self.server_config)
         processes = EngineProcesses(
             self.engine_config,
             len(roles),
             log_level=self.log_level,
             on_exit=self._engine_exited,
             roles=roles,
+            drain_grace_s=self.server_config.drain_grace_s,
+            overrides=self.engine_overrides,
         )
         self.processes = processes
         await processes.start()
         self.runtime = await Runtime.connect(processes.url, processes.namespace)
-        self.pool = pool_for(self.runtime, self.server_config)
+        self.pool = worker_pool(self.runtime, self.server_config)
         await self.pool.start()
         pool = self.pool
         await processes.wait_ready(
@@ -157,7 +172,8 @@ class ServingStack:
         pool = f"{info.kv_blocks_total} KV blocks of {info.block_size}" if info else "? KV blocks"
         return (
             f"model {state.model_name} ({info.model_path if info else '?'}), "
-            f"{' + '.join(f'{r.count(x)} {x}' for x in dict.fromkeys(r))} engine worker(s) ({where}, "
+            f"{' + '.join(f'{r.count(x)} {x}' for x in dict.fromkeys(r))} engine worker(s) "
+            f"(+{self.server_config.spares} spare) ({where}, "
             f"{self.server_config.router_policy} routing), "
             f"max_model_len {state.max_model_len}, "
             f"{pool} "
@@ -165,13 +181,26 @@ class ServingStack:
         )
 
 
-def pool_for(runtime: Runtime, server: ServerConfig, external_router: bool = False) -> WorkerPool:
+def engine_roles(server: ServerConfig) -> list[WorkerRole]:
+    """Each engine to start, by role: the serving workers, then the hot spares (aggregated)."""
+    return server.roles() + ["aggregated"] * server.spares
+
+
+def worker_pool(runtime: Runtime, server: ServerConfig) -> WorkerPool:
+    """The frontend's pool with the server's routing, disaggregation and health settings
+    (with spares, only the serving workers' count serve at a time)."""
     disagg = DisaggConfig(
         min_uncached_tokens=server.disagg_min_uncached_tokens,
         max_prefill_queue_tokens=server.disagg_max_prefill_queue_tokens,
     )
     return WorkerPool(
-        runtime, router_config(server), external_router=external_router, disagg=disagg
+        runtime,
+        router_config(server),
+        external_router=server.external_router,
+        disagg=disagg,
+        health=HealthConfig(hang_timeout_s=server.hang_timeout_s),
+        active_target=len(server.roles()) if server.spares else None,
+        canary_interval_s=server.canary_interval_s,
     )
 
 
@@ -219,7 +248,7 @@ async def build_remote_frontend(
     runtime: Runtime, server: ServerConfig, tokenizer: str | None, wait_s: float
 ) -> tuple[Any, WorkerPool]:
     """A frontend for the workers found on a shared runtime (waits for the first one)."""
-    pool = pool_for(runtime, server, external_router=server.external_router)
+    pool = worker_pool(runtime, server)
     await pool.start()
     if not pool.workers:
         log.info("waiting up to %.0fs for a worker to register...", wait_s)

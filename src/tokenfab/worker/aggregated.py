@@ -10,6 +10,10 @@ It also serves `set_role` (RoleChange in, RoleChangeStatus out): the planner's c
 endpoint. The worker drains (new requests are refused as `unavailable` before any output,
 so the frontend sends them to another worker; the ones in flight run to the end), switches
 role, and announces itself again (a new discovery incarnation carrying the new WorkerInfo).
+
+On SIGTERM (`drain`) it drains the same way, for up to a grace period, before it leaves.
+While draining, and once its engine is quarantined (NaN/Inf logits), its load reports carry
+that `state`, which the frontend's health monitor acts on.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from tokenfab.engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from tokenfab.engine.errors import (
+    EngineDeadError,
+    EngineQuarantinedError,
+    InvalidRequestError,
+    QueueFullError,
+)
 from tokenfab.kv.transfer import KVDataServer, KVTransferClient, LocalDataPlane
 from tokenfab.protocol import (
     KV_EVENTS_TOPIC,
@@ -45,6 +54,7 @@ from tokenfab.protocol import (
     StatsRequest,
     WorkerInfo,
     WorkerRole,
+    WorkerState,
 )
 from tokenfab.runtime import Registration, RemoteError, RequestContext, Runtime
 from tokenfab.worker.disagg import EngineBlockSource, decode_remote, prefill
@@ -102,11 +112,34 @@ class AggregatedWorker:
         self.data_address = ""
         self.blocks: EngineBlockSource | None = None
         self.transfers = KVTransferClient(data_plane)
+        self._drain_reason: str | None = None
+        """Why new requests are refused while those in flight finish (a role change, or
+        SIGTERM); None while serving. One mechanism for both: see `_drain`."""
         self._in_flight = 0
         self._idle = asyncio.Event()
+        """Set while no generate call is in flight (what a drain waits for)."""
         self._idle.set()
-        self.draining = False
-        """A role change is under way: new requests are refused."""
+
+    @property
+    def draining(self) -> bool:
+        """New requests are refused (a role change or a shutdown is under way)."""
+        return self._drain_reason is not None
+
+    @property
+    def state(self) -> tuple[WorkerState, str]:
+        """What the load reports say about this worker, with the reason."""
+        quarantined = self.engine.quarantined
+        if quarantined is not None:
+            return "quarantined", quarantined
+        if self._drain_reason is not None:
+            return "draining", self._drain_reason
+        return "serving", ""
+
+    def load_report(self) -> LoadReport:
+        state, reason = self.state
+        report = load_report(self.worker_id, self.engine.stats())
+        report.state, report.state_reason = state, reason
+        return report
 
     def info(self) -> WorkerInfo:
         engine = self.engine.engine  # AsyncEngine's LLMEngine
@@ -159,10 +192,11 @@ class AggregatedWorker:
     async def _generate(
         self, request: GenerateRequest, ctx: RequestContext
     ) -> AsyncIterator[GenerateOutput]:
-        if self.draining:
-            raise RemoteError("unavailable", f"worker {self.worker_id} is changing role")
         finished = False
         first = True
+        state, reason = self.state
+        if state != "serving":  # the frontend tries another worker
+            raise RemoteError("unavailable", f"worker {self.worker_id}: {reason}")
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -182,6 +216,9 @@ class AggregatedWorker:
             raise RemoteError("invalid_request", str(e)) from None
         except QueueFullError as e:
             raise RemoteError("queue_full", str(e)) from None
+        except EngineQuarantinedError as e:
+            self._load_changed.set()  # tell the routers now
+            raise RemoteError("unavailable", f"worker {self.worker_id}: {e}") from None
         except EngineDeadError as e:
             raise RemoteError("unavailable", str(e)) from None
         finally:
@@ -226,15 +263,14 @@ class AggregatedWorker:
         if request.role == self.role:
             yield status("done", f"already {self.role}")
             return
-        if self.draining:
-            yield status("failed", "a role change is already under way")
+        if self._drain_reason is not None:
+            yield status("failed", f"the worker is already draining: {self._drain_reason}")
             return
-        self.draining = True
+        why = f"changing role to {request.role}"
+        self._begin_drain(why)  # before the first status: no request slips in after it
         try:
             yield status("draining")
-            try:
-                await asyncio.wait_for(self._idle.wait(), request.drain_timeout_s)
-            except TimeoutError:
+            if not await self._wait_idle(request.drain_timeout_s):
                 yield status("failed", f"{self._in_flight} request(s) still running after "
                                        f"{request.drain_timeout_s:g} s; role unchanged")  # fmt: skip
                 return
@@ -244,7 +280,7 @@ class AggregatedWorker:
                 await self._registration.reannounce(msgspec.to_builtins(self.info()))
             log.info("worker %s: role %s -> %s", self.worker_id, old, self.role)
         finally:
-            self.draining = False
+            self._undrain(why)
         yield status("done")
 
     async def switch_role(self, role: WorkerRole) -> None:
@@ -254,7 +290,7 @@ class AggregatedWorker:
         self.role = role
 
     async def _stats(self, request: StatsRequest, ctx: RequestContext) -> AsyncIterator[LoadReport]:
-        yield load_report(self.worker_id, self.engine.stats())
+        yield self.load_report()
 
     async def _snapshot(
         self, request: SnapshotRequest, ctx: RequestContext
@@ -281,9 +317,7 @@ class AggregatedWorker:
                     self._registration = None
                 return
             try:
-                await self.runtime.publish(
-                    LOAD_TOPIC, load_report(self.worker_id, self.engine.stats())
-                )
+                await self.runtime.publish(LOAD_TOPIC, self.load_report())
             except Exception:
                 log.exception("load report of %s failed", self.worker_id)
             # Every interval, and soon after a request's prefill ends or it finishes: a
@@ -292,6 +326,45 @@ class AggregatedWorker:
                 await asyncio.wait_for(self._load_changed.wait(), self._load_interval)
             self._load_changed.clear()
             await asyncio.sleep(min(MIN_LOAD_GAP_S, self._load_interval))
+
+    async def drain(self, grace_s: float) -> bool:
+        """Graceful shutdown, first half: take no new work and wait up to `grace_s` for the
+        requests in flight to finish. True if they all did; what is left when `close()`
+        follows is migrated by the frontend. Overrides a role change under way (its drain
+        then never ends: the worker is leaving)."""
+        self._begin_drain("the worker is shutting down")
+        with contextlib.suppress(Exception):  # the bus may be down; the refusals still work
+            await self.runtime.publish(LOAD_TOPIC, self.load_report())
+        if await self._wait_idle(grace_s):
+            return True
+        log.warning(
+            "worker %s: %d request(s) still running after %.1fs; leaving them to migrate",
+            self.worker_id, self._in_flight, grace_s,
+        )  # fmt: skip
+        return False
+
+    def _begin_drain(self, reason: str) -> None:
+        """Refuse new work for `reason` (a role change or a shutdown: one mechanism). The
+        refusals are `unavailable` before any output, which the frontend retries on another
+        worker; the next load report (sent early) says `draining`, so routers stop choosing
+        this worker (a role change's drain ends with the new incarnation, or with a
+        `serving` report if it fails)."""
+        self._drain_reason = reason
+        self._load_changed.set()
+
+    async def _wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the requests in flight to finish; True if they did."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _undrain(self, reason: str) -> None:
+        """End the drain for `reason` (not one that replaced it, such as a shutdown)."""
+        if self._drain_reason == reason:
+            self._drain_reason = None
+            self._load_changed.set()
 
     async def close(self) -> None:
         for task in self._tasks:

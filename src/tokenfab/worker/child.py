@@ -49,6 +49,8 @@ class ChildSpec(msgspec.Struct, frozen=True):
     """CPU affinity of this engine process; None: every CPU of the parent."""
     switch_interval_s: float = 1e-4
     role: WorkerRole = "aggregated"
+    drain_grace_s: float = 10.0
+    """On SIGTERM: how long in-flight requests may run on before the worker leaves."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec.worker_id,
                 parent_pid=spec.parent_pid,
                 role=spec.role,
+                drain_grace_s=spec.drain_grace_s,
             )
         )
     except KeyboardInterrupt:

@@ -97,8 +97,11 @@ async def run_worker(
     count: int = 1,
     parent_pid: int | None = None,
     role: WorkerRole = "aggregated",
+    drain_grace_s: float = 10.0,
 ) -> None:
-    """Engines registered on a shared runtime, until SIGINT/SIGTERM (or the parent's death)."""
+    """Engines registered on a shared runtime, until SIGINT/SIGTERM (or the parent's death).
+    Then a graceful drain: no new work, up to `drain_grace_s` for the requests in flight to
+    finish; the frontend migrates whatever is left when the workers leave."""
     runtime = await Runtime.connect(runtime_url, namespace)
     engines: list[Any] = []
     workers: list[AggregatedWorker] = []
@@ -109,6 +112,8 @@ async def run_worker(
         ids = ", ".join(w.worker_id for w in workers)
         log.info("worker(s) %s serving %s on %s", ids, engines[0].model_name, runtime_url)
         await until_signalled(parent_pid)
+        if drain_grace_s > 0:
+            await asyncio.gather(*(w.drain(drain_grace_s) for w in workers))
     finally:
         await stop_engines(engines, workers)
         await runtime.close()

@@ -20,7 +20,7 @@ from tokenfab.engine.core.kv_cache import EventSink, KVCacheManager
 from tokenfab.engine.core.runner import Runner
 from tokenfab.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenfab.engine.core.sequence import Sequence
-from tokenfab.engine.errors import InvalidRequestError
+from tokenfab.engine.errors import CorruptLogitsError, InvalidRequestError
 from tokenfab.kv.hashing import request_extra_keys
 from tokenfab.protocol import (
     GenerateOutput,
@@ -81,6 +81,7 @@ class EngineCore:
         self._finished = 0
         self._steps = 0
         self._step_time_ema = 0.0
+        self._last_step_end: float | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -239,7 +240,14 @@ class EngineCore:
         self._steps += 1
         started = self._clock.now()
         self._mark_prompt_logits(sched)
-        result = self.runner.execute(sched)
+        try:
+            result = self.runner.execute(sched)
+        except CorruptLogitsError:
+            # Not a failure of some requests to isolate: the runner's numbers cannot be
+            # trusted, so it goes up to the owner (AsyncEngine quarantines the engine). The
+            # step did end, so the heartbeat moves (a quarantined worker is not also "hung").
+            self._last_step_end = self._clock.now()
+            raise
         outputs: list[GenerateOutput] = []
         for seq, message in result.failed:
             outputs.extend(self._fail([seq], message))
@@ -255,8 +263,9 @@ class EngineCore:
                 log.exception("request %s failed", sampled.seq.request_id)
                 outputs.extend(self._fail([sampled.seq], f"request failed: {e}"))
         self.kv.flush_events()
+        self._last_step_end = end = self._clock.now()
         seconds = result.seconds
-        self._record_step_time(self._clock.now() - started if seconds is None else seconds)
+        self._record_step_time(end - started if seconds is None else seconds)
         return outputs
 
     def _record_step_time(self, seconds: float) -> None:
@@ -377,7 +386,13 @@ class EngineCore:
             requests_finished=self._finished,
             num_steps=self._steps,
             step_time_ema=self._step_time_ema,
+            step_age_s=self.step_age(),
         )
+
+    def step_age(self) -> float:
+        """Seconds since the last step ended (0 before the first): the step heartbeat."""
+        last = self._last_step_end
+        return 0.0 if last is None else max(0.0, self._clock.now() - last)
 
     def kv_snapshot(self, worker_id: str = "") -> KVSnapshot:
         """Every cached block hash with the id of the newest KV event: what a router that

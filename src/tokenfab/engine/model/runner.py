@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from tokenfab.config import LogitsFault
     from tokenfab.engine.core.batch import StepBatch
     from tokenfab.engine.model.attention import AttentionMetadata
     from tokenfab.engine.model.loader import LoadedModel
@@ -40,11 +41,18 @@ class ModelRunner:
         block_size: int,
         num_threads: int | None = None,
         cuda_graphs: bool = True,
+        fault: LogitsFault = "",
+        fault_after_steps: int = 0,
     ) -> None:
+        """`fault`: resilience tests only (EngineConfig.fault): from step `fault_after_steps`
+        on, every step's logits are NaN ("nan") or negated ("flip")."""
         import torch
 
         if num_threads:
             torch.set_num_threads(num_threads)
+        self._fault = fault
+        self._fault_after_steps = fault_after_steps
+        self._steps = 0
         self.model = loaded.model
         self.config = loaded.config
         self.num_blocks = num_blocks
@@ -75,6 +83,15 @@ class ModelRunner:
             )
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
+        logits = self._execute(batch)
+        self._steps += 1
+        if self._fault and self._steps > self._fault_after_steps:
+            # A fault path in the real runner (not a mock), so the engine's checks and the
+            # worker's quarantine are what the tests exercise.
+            logits = logits * float("nan") if self._fault == "nan" else -logits
+        return logits
+
+    def _execute(self, batch: StepBatch) -> torch.Tensor:
         import torch
 
         with torch.inference_mode():
