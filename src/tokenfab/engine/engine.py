@@ -42,6 +42,7 @@ from tokenfab.engine.sequence import Sequence
 from tokenfab.engine.structured import GrammarCompiler, GrammarError
 from tokenfab.engine.threads import ThreadTuner, available_cpus, settle_threadsafe
 from tokenfab.kv.hashing import request_extra_keys
+from tokenfab.kv.offload import KVOffloader, build_offloader
 from tokenfab.protocol import (
     GenerateOutput,
     GenerateRequest,
@@ -122,7 +123,14 @@ class LLMEngine:
         self.runner: Runner = runner or TorchRunner(
             loaded, num_blocks, bs, num_threads=config.num_threads
         )
-        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, event_sink)
+        self.offload: KVOffloader | None = build_offloader(config, self.runner)
+        self.kv = KVCacheManager(
+            num_blocks,
+            bs,
+            config.enable_prefix_caching,
+            event_sink,
+            lower_tiers=self.offload.store if self.offload is not None else None,
+        )
         self._clock: Clock = clock or MonotonicClock()
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -150,6 +158,23 @@ class LLMEngine:
         self._finished = 0
         self._steps = 0
         self._step_time_ema = 0.0
+        self._announce_tiers()
+
+    def _announce_tiers(self) -> None:
+        """KV events for what the lower tiers already hold (a G3 directory kept across a
+        restart, a host segment other workers filled)."""
+        if self.offload is not None:
+            for tier, hashes in self.offload.store.known():
+                self.kv.emit_tier_events(tier, hashes, [])
+
+    def close(self) -> None:
+        """Write G1's cached blocks to the lower tiers, finish the writes and release the tiers
+        (G3 keeps its extents for the next engine)."""
+        if self.offload is not None:
+            self.offload.save_cached(self.kv)
+            self.offload.close()
+            self.offload = None
+            self.kv.lower_tiers = None
 
     # ------------------------------------------------------------------ requests
 
@@ -286,6 +311,7 @@ class LLMEngine:
             sampling=SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0),
         )
         sink, self.kv.event_sink = self.kv.event_sink, None
+        tiers, self.kv.lower_tiers = self.kv.lower_tiers, None  # keep warm-up blocks out
         try:
             self.add_request(req)
             while self.has_unfinished():
@@ -293,7 +319,9 @@ class LLMEngine:
             self.kv.reset_prefix_cache()
         finally:
             self.kv.event_sink = sink
+            self.kv.lower_tiers = tiers
         self.kv.restart_events()
+        self._announce_tiers()
         self._prompt_tokens = self._generation_tokens = self._finished = self._steps = 0
         self.kv.prefix_queries = self.kv.prefix_hits = 0
 
@@ -325,8 +353,10 @@ class LLMEngine:
     def step(self) -> list[GenerateOutput]:
         """Run one scheduled step; return the outputs of the requests it advanced."""
         sched = self.scheduler.schedule()
+        if self.offload is not None:
+            self.offload.before_step(sched, self.kv)
         if sched.is_empty:
-            self.kv.flush_events()
+            self._flush_events()
             return []
         self._steps += 1
         started = self._clock.now()
@@ -342,9 +372,14 @@ class LLMEngine:
         self.scheduler.update_computed(sched)
         logits = self._take_prompt_logprobs(sched, logits)
         outputs = self._sample_and_advance(sched, logits)
-        self.kv.flush_events()
+        self._flush_events()
         self._record_step_time(self._clock.now() - started)
         return failed + outputs
+
+    def _flush_events(self) -> None:
+        if self.offload is not None:
+            self.offload.after_step(self.kv)
+        self.kv.flush_events()
 
     def _record_step_time(self, seconds: float) -> None:
         ema = self._step_time_ema
@@ -591,6 +626,7 @@ class LLMEngine:
             worker_id=worker_id,
             last_event_id=self.kv.last_event_id,
             block_hashes=self.kv.cached_hashes(),
+            tier_hashes=dict(self.offload.store.known()) if self.offload is not None else {},
         )
 
 
@@ -755,6 +791,7 @@ class AsyncEngine:
         settle_threadsafe(loop, built, engine)
         try:
             self._loop_forever(engine)
+            engine.close()
         except BaseException as e:  # a bug in the loop itself: fail everyone, refuse new work
             log.exception("engine thread died")
             self._dead = f"the engine thread died: {e}"

@@ -11,6 +11,7 @@ writer changed it). Capacity is the slot count; the least recently used slot is 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -203,10 +204,9 @@ class HostKVStore:
         if self._fd < 0:
             return
         self._table = self._data = self._hdr = None  # type: ignore[assignment]
-        try:
+        # A caller may still hold a view of a slot; the mapping then goes with that view.
+        with contextlib.suppress(BufferError):
             self._mm.close()
-        except BufferError:
-            pass  # a caller still holds a view of a slot; the mapping goes with it
         os.close(self._fd)
         self._fd = -1
 

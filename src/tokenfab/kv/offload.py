@@ -68,6 +68,15 @@ class KVOffloader:
         for change in self.store.drain_changes():
             kv_cache.emit_tier_events(change.tier, change.stored, change.removed)
 
+    def save_cached(self, kv_cache: KVCacheManager) -> None:
+        """Store every block cached in G1 (at shutdown: a restart with the same G3 directory
+        then starts with the whole cache, not only what was evicted)."""
+        blocks = [(h, b) for h, b in kv_cache.cached_blocks() if self.store.tier_of(h) is None]
+        if blocks:
+            data = export_blocks(self.kv, [b for _, b in blocks])
+            self.store.store([h for h, _ in blocks], data)
+            self.stats.offloaded_blocks += len(blocks)
+
     def close(self) -> None:
         self.store.close()
 

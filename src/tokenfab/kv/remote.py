@@ -13,6 +13,7 @@ nats-py is asyncio; the engine is not, so this store runs a private event loop i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import threading
 from collections import OrderedDict
@@ -130,10 +131,9 @@ class RemoteKVStore:
     async def _delete_all(self, hashes: list[int]) -> None:
         async def delete(h: int) -> None:
             async with self._sem:
-                try:
+                # Already gone: nothing to free.
+                with contextlib.suppress(Exception):
                     await self._obs.delete(object_name(h))
-                except Exception:  # already gone: nothing to free
-                    pass
 
         await asyncio.gather(*(delete(h) for h in hashes))
 
@@ -197,10 +197,8 @@ class RemoteKVStore:
     def close(self) -> None:
         if self._loop.is_running():
             if self._nc is not None:
-                try:
+                with contextlib.suppress(Exception):
                     self._run(self._nc.close())
-                except Exception:
-                    pass
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
         self._loop.close()

@@ -162,9 +162,7 @@ class TieredKVStore:
         evicted = tier.put_many(hashes, blocks)
         gone = set(evicted)
         with self._lock:
-            self._changes.append(
-                TierChange(name, [h for h in new if h not in gone], list(evicted))
-            )
+            self._changes.append(TierChange(name, [h for h in new if h not in gone], list(evicted)))
 
     def flush(self) -> None:
         """Wait until every stored block is in every tier."""
