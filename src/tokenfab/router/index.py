@@ -66,6 +66,9 @@ class KVIndex:
         self._resync_buffer = resync_buffer
         self._holders: dict[int, int] = {}
         """Block hash -> bitmask of the worker slots holding it (never 0: empty entries go)."""
+        self._tiers: dict[str, dict[int, int]] = {}
+        """Lower tiers (host, disk, remote): block hash -> mask of the workers holding it
+        there. Kept apart from `_holders` (G1), so the hot path is unchanged."""
         self._workers: dict[str, _WorkerState] = {}
         self._slot_owner: list[str | None] = []
         self._free_slots: list[int] = []
@@ -91,6 +94,7 @@ class KVIndex:
         if state is None:
             return
         self._drop_all(state)
+        self._drop_tiers(state)
         slot = state.bit.bit_length() - 1
         self._slot_owner[slot] = None
         heapq.heappush(self._free_slots, slot)
@@ -156,7 +160,10 @@ class KVIndex:
         if not state.resync and snap.last_event_id <= state.last_event_id:
             return True
         self._drop_all(state)
+        self._drop_tiers(state)
         self._store(state, snap.block_hashes)
+        for tier, hashes in snap.tier_hashes.items():
+            self._tier_store(tier, state, hashes)
         state.last_event_id = snap.last_event_id
         state.resync = False
         self.snapshots_loaded += 1
@@ -182,7 +189,9 @@ class KVIndex:
             # Exact type checks: the union's members are final structs, and `is` is the
             # cheapest dispatch on this hot path.
             kind = type(event)
-            if kind is BlockStored:
+            if kind is not AllBlocksCleared and event.tier != "device":  # type: ignore[union-attr]
+                self._tier_event(state, event)  # type: ignore[arg-type]
+            elif kind is BlockStored:
                 self._store(state, event.block_hashes)  # type: ignore[union-attr]
             elif kind is BlockRemoved:
                 self._remove(state, event.block_hashes)  # type: ignore[union-attr]
@@ -261,6 +270,65 @@ class KVIndex:
                 if rest:
                     holders[h] = rest
         state.num_blocks = 0
+
+    # ------------------------------------------------------------------ lower tiers
+
+    def _tier_event(self, state: _WorkerState, event: BlockStored | BlockRemoved) -> None:
+        if isinstance(event, BlockStored):
+            self._tier_store(event.tier, state, event.block_hashes)
+            return
+        holders = self._tiers.get(event.tier)
+        if holders is None:
+            return
+        keep = ~state.bit
+        for h in event.block_hashes:
+            rest = holders.get(h, 0) & keep
+            if rest:
+                holders[h] = rest
+            else:
+                holders.pop(h, None)
+
+    def _tier_store(self, tier: str, state: _WorkerState, hashes: Sequence[int]) -> None:
+        holders = self._tiers.setdefault(tier, {})
+        bit = state.bit
+        for h in hashes:
+            holders[h] = holders.get(h, 0) | bit
+
+    def _drop_tiers(self, state: _WorkerState) -> None:
+        keep = ~state.bit
+        for holders in self._tiers.values():
+            for h in [h for h, m in holders.items() if m & state.bit]:
+                rest = holders[h] & keep
+                if rest:
+                    holders[h] = rest
+                else:
+                    del holders[h]
+
+    def find_lower_matches(
+        self, hashes: Sequence[int], start: Mapping[str, int], tier_cost: Mapping[str, float]
+    ) -> dict[str, tuple[int, float]]:
+        """Per worker, how many blocks after its G1 match (`start`: worker -> blocks) it holds
+        in lower tiers, and their cost (per block, the cheapest tier's `tier_cost`); only
+        workers with at least one such block."""
+        if not self._tiers:
+            return {}
+        tiers = [(holders, tier_cost.get(t, 1.0)) for t, holders in self._tiers.items()]
+        tiers.sort(key=lambda pair: pair[1])
+        out: dict[str, tuple[int, float]] = {}
+        for worker, state in self._workers.items():
+            n, cost = 0, 0.0
+            for h in hashes[start.get(worker, 0) :]:
+                price = next((c for holders, c in tiers if holders.get(h, 0) & state.bit), None)
+                if price is None:
+                    break
+                n += 1
+                cost += price
+            if n:
+                out[worker] = (n, cost)
+        return out
+
+    def num_tier_blocks(self, tier: str) -> int:
+        return len(self._tiers.get(tier, {}))
 
     # ------------------------------------------------------------------ matching
 
