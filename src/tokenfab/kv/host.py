@@ -170,25 +170,31 @@ class HostKVStore:
 
     def read_into(self, hashes: Sequence[int], out: np.ndarray) -> list[bool]:
         """Copy each block into out[i] and verify it; False where absent or failing the check
-        (a failing block is dropped). Lock-free: see the module docstring."""
+        (a failing block is dropped). Lock-free: see the module docstring. Blocks in
+        consecutive slots that land in consecutive rows are copied as one run."""
         index = self._slots()
-        table = self._table
-        found: list[bool] = []
+        sums = self._table["checksum"]
+        stored = self._table["hash"]
+        want = [(i, h & _U64, index.get(h & _U64)) for i, h in enumerate(hashes)]
+        hits = [(i, h, slot) for i, h, slot in want if slot is not None]
+        expect = {i: int(sums[slot]) for i, _, slot in hits}
+        k = 0
+        while k < len(hits):  # copy runs
+            i0, _, s0 = hits[k]
+            n = 1
+            while k + n < len(hits) and hits[k + n][0] == i0 + n and hits[k + n][2] == s0 + n:
+                n += 1
+            np.copyto(out[i0 : i0 + n], self._data[s0 : s0 + n])
+            k += n
+        found = [False] * len(hashes)
         corrupt: list[int] = []
-        for i, h in enumerate(hashes):
-            h &= _U64
-            slot = index.get(h)
-            if slot is None:
-                found.append(False)
-                continue
-            want = int(table["checksum"][slot])
-            np.copyto(out[i], self._data[slot])
-            ok = int(table["hash"][slot]) == h and block_checksum(h, out[i].data) == want
-            if ok:
-                table["stamp"][slot] = int(self._hdr[3]) + 1  # touch (racy, only a hint)
+        for i, h, slot in hits:
+            if int(stored[slot]) == h and block_checksum(h, out[i].data) == expect[i]:
+                found[i] = True
             else:
                 corrupt.append(h)
-            found.append(ok)
+        if hits:
+            self._table["stamp"][[slot for _, _, slot in hits]] = int(self._hdr[3]) + 1
         for h in corrupt:
             self.drop(h)
         return found
