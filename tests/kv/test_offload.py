@@ -154,3 +154,44 @@ def test_host_segment_shared_by_two_engines(loaded: Any) -> None:
         a.close()
         b.close()
         Path("/dev/shm", f"tokenfab-kv-{name}").unlink(missing_ok=True)
+
+
+class _SetTiers:
+    """A lower tier that is only a set of hashes (the scheduler needs nothing more)."""
+
+    def __init__(self, hashes: set[int]) -> None:
+        self.hashes = hashes
+
+    def leading(self, hashes: Any) -> int:
+        n = 0
+        while n < len(hashes) and hashes[n] in self.hashes:
+            n += 1
+        return n
+
+
+def test_scheduler_plans_onboarding_and_the_cache_records_evictions() -> None:
+    from tokenfab.clock import ManualClock
+    from tokenfab.engine.kv_cache import KVCacheManager
+    from tokenfab.engine.scheduler import Scheduler, SchedulerConfig
+    from tokenfab.engine.sequence import Sequence
+
+    seq = Sequence("a", list(range(100)), block_size=BS)  # 6 full blocks
+    tiers = _SetTiers(set(seq.block_hashes[:4]))
+    kv = KVCacheManager(8, BS, lower_tiers=tiers)
+    sched = Scheduler(SchedulerConfig(), kv, ManualClock())
+    sched.add(seq)
+    out = sched.schedule()
+    (ob,) = out.onboard
+    assert ob.block_hashes == seq.block_hashes[:4] and ob.first_block == 0
+    assert ob.block_ids == kv.block_table("a")[:4]
+    assert out.batch.chunks[ob.chunk_index].start_pos == 4 * BS  # only the rest is computed
+    sched.update_computed(out)
+    sched.finish(seq, "stop")
+    # A second request needing every block evicts the first one's cached blocks, recorded
+    # with their ids (their K/V are intact until the step runs).
+    other = Sequence("b", list(range(1000, 1000 + 8 * BS)), block_size=BS)
+    sched.add(other)
+    sched.schedule()
+    evicted = kv.take_evicted()
+    assert {e.block_hash for e in evicted} == set(seq.block_hashes)
+    assert kv.take_evicted() == []
