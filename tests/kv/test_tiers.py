@@ -84,6 +84,8 @@ def test_disk_round_trip_extents_and_restart(tmp_path: Path) -> None:
     disk.put_many(list(range(100, 106)), data[:6])
     disk.put_many(list(range(106, 112)), data[6:])
     assert len(list(tmp_path.glob("*.kve"))) == 2  # one extent per batch, not one per block
+    with pytest.raises(ValueError, match="in use by another engine"):
+        DiskKVStore(tmp_path, B, 100 * B)  # one store per directory
     disk.close()
     again = DiskKVStore(tmp_path, B, 100 * B)  # restart: index rebuilt from the extents
     out, ok = read(again, list(range(100, 112)))

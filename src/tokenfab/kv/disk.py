@@ -13,6 +13,7 @@ verified, and a failing one dropped from the index.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import threading
@@ -59,6 +60,15 @@ class DiskKVStore:
             raise ValueError(f"inflight must be at least 1, got {inflight}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        # One store per directory: two would hand out the same extent ids.
+        self._lock_fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise ValueError(
+                f"KV disk directory {self.dir} is in use by another engine; give each its own"
+            ) from None
         self.block_bytes = block_bytes
         self.capacity_bytes = capacity_bytes
         self.inflight = inflight
@@ -279,6 +289,9 @@ class DiskKVStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the directory's flock
+            self._lock_fd = -1
 
 
 def _data_offset(count: int) -> int:
