@@ -251,7 +251,7 @@ def main() -> None:
         child_main(args.child, args.model, args.prompts, args.output_len)
         return
 
-    from tokenfab.engine.loader import model_name, resolve_model
+    from tokenfab.engine.model.loader import model_name, resolve_model
 
     engines = [e.strip() for e in args.only.split(",") if e.strip()]
     if bad := set(engines) - set(ENGINES):

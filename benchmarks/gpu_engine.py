@@ -67,7 +67,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-5,
         initializer_range=0.02,
     ),
-    "tiny": {},  # tokenfab.engine.tiny's llama (smoke tests)
+    "tiny": {},  # tokenfab.engine.tools.tiny's llama (smoke tests)
 }
 
 
@@ -106,7 +106,7 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def build_model(root: Path, shape: str, device: str) -> Path:
-    from tokenfab.engine.tiny import make_tiny_model
+    from tokenfab.engine.tools.tiny import make_tiny_model
 
     dtype = "float32" if shape == "tiny" else "bfloat16"
     return make_tiny_model(
@@ -202,18 +202,18 @@ def _profile_steps(engine: Any, wl: Workload, vocab: int, device: str) -> str:
     batch, straight through the runner (after the timed run; its blocks are free again)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from tokenfab.engine.runner import SeqChunk, StepBatch
+    from tokenfab.engine.core.batch import SeqChunk, StepBatch
 
-    bs = engine.runner.block_size
+    bs = engine.runner.model_runner.block_size
     per_seq = -(-(wl.prompt_len + 1) // bs)
-    n = min(wl.requests, engine.runner.num_blocks // per_seq)
+    n = min(wl.requests, engine.runner.model_runner.num_blocks // per_seq)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(n)]
     prompts = make_prompts(n, wl.prompt_len, vocab, seed=5)
     prefill = StepBatch([SeqChunk(p, 0, t, True) for p, t in zip(prompts, tables, strict=True)])
     decode = StepBatch([SeqChunk([5], wl.prompt_len, t, True) for t in tables])
-    engine.runner.execute(StepBatch(prefill.chunks[:16]))  # warm (same shapes)
-    engine.runner.execute(prefill)
-    engine.runner.execute(decode)
+    engine.runner.model_runner.execute(StepBatch(prefill.chunks[:16]))  # warm (same shapes)
+    engine.runner.model_runner.execute(prefill)
+    engine.runner.model_runner.execute(decode)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     text = []
     for name, batch in (
@@ -221,7 +221,7 @@ def _profile_steps(engine: Any, wl: Workload, vocab: int, device: str) -> str:
         ("decode", decode),
     ):
         with profile(activities=acts) as prof:
-            engine.runner.execute(batch)
+            engine.runner.model_runner.execute(batch)
             sync(device)
         key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
@@ -233,7 +233,7 @@ def _time_runner_steps(engine: Any, device: str) -> list[tuple[float, bool]]:
     """Wrap the engine's runner so each step's seconds (to the logits being ready) and whether
     it was decode-only are recorded; the list is returned and filled as steps run."""
     times: list[tuple[float, bool]] = []
-    runner = engine.runner
+    runner = engine.runner.model_runner
     execute = runner.execute
 
     def timed(batch: Any) -> torch.Tensor:
@@ -307,7 +307,7 @@ def decode_bound_ms(path: Path, wl: Workload) -> float:
     """Milliseconds to read every weight the decode step reads (all but the embedding table,
     unless tied to the head) plus the KV of `requests` sequences at their mean context, at
     the copy bandwidth."""
-    from tokenfab.engine.model import load_model_config
+    from tokenfab.engine.model.model import load_model_config
 
     cfg = load_model_config(path, "bfloat16")
     h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
@@ -324,7 +324,7 @@ def decode_bound_ms(path: Path, wl: Workload) -> float:
 
 def equality(root: Path, device: str, tiny: bool) -> dict[str, dict[str, Any]]:
     """Per family: prompts whose greedy tokens equal transformers' (float32 and bfloat16)."""
-    from tokenfab.engine.tiny import TINY_FAMILIES, make_tiny_model
+    from tokenfab.engine.tools.tiny import TINY_FAMILIES, make_tiny_model
 
     n, plen, olen = (4, 32, 16) if tiny else (20, 256, 128)
     results: dict[str, dict[str, int]] = {}

@@ -114,7 +114,7 @@ def ttft(prefix: int, requests: int, tiers: bool, tmp: str) -> float:
 
     from tokenfab.config import EngineConfig
     from tokenfab.engine.engine import LLMEngine
-    from tokenfab.engine.loader import load_model
+    from tokenfab.engine.model.loader import load_model
     from tokenfab.protocol import GenerateRequest, SamplingParams
 
     torch.set_num_threads(1)

@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
-    from tokenfab.engine.loader import resolve_model
+    from tokenfab.engine.model.loader import resolve_model
 
     model = resolve_model(None)
     logs = Path(__file__).resolve().parent / "out"

@@ -267,7 +267,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
 
-    from tokenfab.engine.loader import model_name, resolve_model
+    from tokenfab.engine.model.loader import model_name, resolve_model
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     servers = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -176,7 +176,7 @@ def main() -> None:
         print(json.dumps(engine_ratio(args), indent=2))
         return
 
-    from tokenfab.engine.loader import resolve_model
+    from tokenfab.engine.model.loader import resolve_model
 
     model = resolve_model(args.model)
     results: dict[str, dict] = {}

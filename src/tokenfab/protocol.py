@@ -322,6 +322,32 @@ class StatsRequest(msgspec.Struct, kw_only=True):
     """Ask a worker for a fresh LoadReport (its `stats` endpoint)."""
 
 
+class RoleChange(msgspec.Struct, kw_only=True):
+    """Ask a worker to change role (its `set_role` endpoint; the planner sends it): it stops
+    taking new requests, lets the ones in flight finish, switches, and announces itself
+    again with the new role."""
+
+    role: WorkerRole
+    drain_timeout_s: float = 600.0
+    """If requests are still in flight after this long, the worker keeps its old role and
+    answers `failed` (nothing is aborted)."""
+
+
+RoleChangePhase = Literal["draining", "done", "failed"]
+
+
+class RoleChangeStatus(msgspec.Struct, kw_only=True):
+    """A worker's answers to a RoleChange: `draining` (with the requests in flight) first,
+    then `done` (the new role is announced) or `failed` (with why; the old role stays)."""
+
+    worker_id: str
+    role: WorkerRole
+    """The role the worker has now."""
+    phase: RoleChangePhase
+    in_flight: int = 0
+    message: str = ""
+
+
 # Well-known names on the runtime (discovery component and event topics).
 WORKER_COMPONENT = "worker"
 ROUTER_COMPONENT = "router"
@@ -329,6 +355,8 @@ KV_EVENTS_TOPIC = "kv_events"
 """KVEventBatch messages from every worker."""
 LOAD_TOPIC = "load"
 """LoadReport messages from every worker."""
+SET_ROLE_ENDPOINT = "set_role"
+"""A worker's control endpoint: RoleChange in, a stream of RoleChangeStatus out."""
 
 
 # ---------------------------------------------------------------- wire encoding

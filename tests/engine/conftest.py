@@ -12,7 +12,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 if not HAS_CUDA:
     # Triton picks its CPU interpreter when a kernel is defined, so this must precede the
-    # first import of tokenfab.engine.triton_kernels: without a GPU, the Triton kernels'
+    # first import of tokenfab.engine.model.triton_kernels: without a GPU, the Triton kernels'
     # tests run in the interpreter. CPU models never use Triton, so nothing else changes.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenfab.engine import cpu_kernels
-from tokenfab.engine.attention import AttentionMetadata, paged_attention
+from tokenfab.engine.model import cpu_kernels
+from tokenfab.engine.model.attention import AttentionMetadata, paged_attention
 
 KERNELS = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="no C compiler here")

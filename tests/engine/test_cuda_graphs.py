@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenfab.engine.cuda_graphs import buckets
-from tokenfab.engine.loader import load_model
-from tokenfab.engine.runner import SeqChunk, StepBatch, TorchRunner
+from tokenfab.engine.core.batch import SeqChunk, StepBatch
+from tokenfab.engine.model.cuda_graphs import buckets
+from tokenfab.engine.model.loader import load_model
+from tokenfab.engine.model.runner import ModelRunner
 
 
 def test_buckets_cover_every_batch_size() -> None:
@@ -29,8 +30,8 @@ def test_graph_replays_equal_eager_steps(tiny_models: dict[str, Path], dtype: st
     path = tiny_models["qwen3"]
     loaded = load_model(path, dtype=dtype, device="cuda")
     assert loaded.model.gpu_kernels is not None
-    graphed = TorchRunner(loaded, num_blocks=64, block_size=16)
-    eager = TorchRunner(loaded, num_blocks=64, block_size=16, cuda_graphs=False)
+    graphed = ModelRunner(loaded, num_blocks=64, block_size=16)
+    eager = ModelRunner(loaded, num_blocks=64, block_size=16, cuda_graphs=False)
     assert graphed.graphs is not None and eager.graphs is None
     gen = torch.Generator().manual_seed(5)
     # 5 sequences (bucket 8: 3 padding rows), then 3 of them (bucket 4: 1 padding row).

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tokenfab.config import EngineConfig
-from tokenfab.engine.detokenizer import IncrementalDetokenizer, decode_fn
+from tokenfab.engine.core.batch import StepBatch
+from tokenfab.engine.core.detokenizer import IncrementalDetokenizer, decode_fn
 from tokenfab.engine.engine import AsyncEngine, LLMEngine
 from tokenfab.engine.errors import InvalidRequestError, QueueFullError
-from tokenfab.engine.loader import load_model
-from tokenfab.engine.runner import StepBatch
+from tokenfab.engine.model.loader import load_model
 from tokenfab.kv.hashing import block_hashes
 from tokenfab.protocol import BlockStored, GenerateOutput, GenerateRequest, KVEvent, SamplingParams
 
@@ -142,7 +142,7 @@ def test_a_failing_request_fails_alone(loaded: Any) -> None:
         LLMEngine(cfg(), loaded=loaded), [req(f"r{i}", p) for i, p in enumerate(PROMPTS)]
     )
     engine = LLMEngine(cfg(), loaded=loaded)
-    engine.runner = PoisonRunner(engine.runner)
+    engine.runner.model_runner = PoisonRunner(engine.runner.model_runner)
     reqs = [req(f"r{i}", p) for i, p in enumerate(PROMPTS)]
     reqs.insert(1, req("bad", [7, 8, PoisonRunner.POISON, 9]))
     outs = run_sync(engine, reqs)

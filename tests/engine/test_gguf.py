@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tokenfab.engine.gguf_convert import display_name, unpermute_rope
-from tokenfab.engine.loader import LoadedModel, default_gguf_path, load_model, resolve_model
-from tokenfab.engine.runner import SeqChunk, StepBatch, TorchRunner
+from tokenfab.engine.core.batch import SeqChunk, StepBatch
+from tokenfab.engine.model.loader import LoadedModel, default_gguf_path, load_model, resolve_model
+from tokenfab.engine.model.runner import ModelRunner
+from tokenfab.engine.tools.gguf_convert import display_name, unpermute_rope
 
 PARIS_TOKENS = [504, 3575, 282, 4649, 314, 7042, 30, 2]
 """Greedy answer to "What is the capital of France?" ("The capital of France is Paris.<|im_end|>"),
@@ -71,7 +72,7 @@ def test_runner_matches_transformers_on_converted_folder(
     assert loaded.config.eos_token_ids == [2]
     assert loaded.config.native_dtype == torch.bfloat16
     ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog. " * 3)["input_ids"]
-    runner = TorchRunner(loaded, num_blocks=8, block_size=16)
+    runner = ModelRunner(loaded, num_blocks=8, block_size=16)
     ours = runner.execute(StepBatch([SeqChunk(ids, 0, list(range(8)), sample=True)]))[0]
     hf = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -90,7 +91,7 @@ def test_default_model_knows_paris(smollm_fp32: LoadedModel, dtype: str) -> None
         tokenize=True,
         return_dict=False,
     )
-    runner = TorchRunner(loaded, num_blocks=8, block_size=16)
+    runner = ModelRunner(loaded, num_blocks=8, block_size=16)
     seq, table = list(prompt), list(range(8))
     logits = runner.execute(StepBatch([SeqChunk(seq, 0, table, sample=True)]))
     while len(seq) - len(prompt) < len(PARIS_TOKENS):

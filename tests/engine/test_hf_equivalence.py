@@ -12,7 +12,7 @@ import torch
 
 from tokenfab.config import EngineConfig
 from tokenfab.engine.engine import LLMEngine
-from tokenfab.engine.loader import load_model
+from tokenfab.engine.model.loader import load_model
 from tokenfab.protocol import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.integration

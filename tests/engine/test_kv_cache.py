@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tokenfab.engine.kv_cache import KVCacheManager
-from tokenfab.engine.sequence import Sequence
+from tokenfab.engine.core.kv_cache import KVCacheManager
+from tokenfab.engine.core.sequence import Sequence
 from tokenfab.kv.hashing import block_hashes, request_extra_keys
 from tokenfab.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 

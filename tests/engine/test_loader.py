@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenfab.engine.loader import load_model, resolve_model
-from tokenfab.engine.model import resolve_dtype
+from tokenfab.engine.model.loader import load_model, resolve_model
+from tokenfab.engine.model.model import resolve_dtype
 
 
 def test_folder_is_used_as_is(tiny_llama: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenfab.engine.model import load_model_config, rope_tables
+from tokenfab.engine.model.model import load_model_config, rope_tables
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

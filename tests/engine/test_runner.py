@@ -1,4 +1,4 @@
-"""TorchRunner against transformers' own forward on the same tiny models (float32), on CPU
+"""ModelRunner against transformers' own forward on the same tiny models (float32), on CPU
 and (where present) CUDA; transformers' reference always runs on CPU."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenfab.engine.loader import load_model
-from tokenfab.engine.runner import SeqChunk, StepBatch, TorchRunner, kv_bytes_per_block
+from tokenfab.engine.core.batch import SeqChunk, StepBatch
+from tokenfab.engine.model.loader import load_model
+from tokenfab.engine.model.runner import ModelRunner, kv_bytes_per_block
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 BLOCK = 16
@@ -38,7 +39,7 @@ def test_mixed_steps_match_transformers(
 ) -> None:
     path = tiny_models[family]
     loaded = load_model(path, dtype="float32", device=device)
-    runner = TorchRunner(loaded, num_blocks=40, block_size=BLOCK)
+    runner = ModelRunner(loaded, num_blocks=40, block_size=BLOCK)
     hf = _hf(path)
     gen = torch.Generator().manual_seed(1)
     a = torch.randint(3, 500, (75,), generator=gen).tolist()  # > mistral's 48-token window
@@ -89,11 +90,11 @@ def test_sliding_window_is_applied(tiny_models: dict[str, Path], device: str) ->
     loaded = load_model(path, dtype="float32", device=device)
     ids = torch.randint(3, 500, (70,), generator=torch.Generator().manual_seed(2)).tolist()
     table = list(range(5))
-    windowed = TorchRunner(loaded, num_blocks=8, block_size=BLOCK)
+    windowed = ModelRunner(loaded, num_blocks=8, block_size=BLOCK)
     out_w = windowed.execute(StepBatch([SeqChunk(ids, 0, table, sample=True)]))
     for layer in loaded.model.layers:
         layer.window = None
-    full = TorchRunner(loaded, num_blocks=8, block_size=BLOCK)
+    full = ModelRunner(loaded, num_blocks=8, block_size=BLOCK)
     out_f = full.execute(StepBatch([SeqChunk(ids, 0, table, sample=True)]))
     assert (out_w - out_f).abs().max() > 1e-3
     want = _hf_logits(_hf(path), ids)[-1]
@@ -108,7 +109,7 @@ def test_batched_greedy_decode_matches_generate(
     mistral's 48-token window slides during decode."""
     path = tiny_models[family]
     loaded = load_model(path, dtype="float32", device=device)
-    runner = TorchRunner(loaded, num_blocks=32, block_size=BLOCK)
+    runner = ModelRunner(loaded, num_blocks=32, block_size=BLOCK)
     hf = _hf(path)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (3, 17, 40)]
@@ -134,7 +135,7 @@ def test_batched_greedy_decode_matches_generate(
 def test_bfloat16_close_to_transformers(tiny_models: dict[str, Path], device: str) -> None:
     path = tiny_models["llama"]
     loaded = load_model(path, dtype="bfloat16", device=device)
-    runner = TorchRunner(loaded, num_blocks=8, block_size=BLOCK)
+    runner = ModelRunner(loaded, num_blocks=8, block_size=BLOCK)
     assert runner.kv.dtype == torch.bfloat16
     ids = list(range(3, 60))
     ours = runner.execute(StepBatch([SeqChunk(ids, 0, [0, 1, 2, 3], sample=True)]))[0].cpu()
@@ -143,7 +144,7 @@ def test_bfloat16_close_to_transformers(tiny_models: dict[str, Path], device: st
 
 
 def test_empty_batch_and_bad_block_table(tiny_llama: Path) -> None:
-    runner = TorchRunner(load_model(tiny_llama, dtype="float32"), num_blocks=4, block_size=BLOCK)
+    runner = ModelRunner(load_model(tiny_llama, dtype="float32"), num_blocks=4, block_size=BLOCK)
     assert runner.execute(StepBatch([])).shape == (0, 512)
     with pytest.raises(ValueError, match="block_table"):
         runner.execute(StepBatch([SeqChunk(list(range(20)), 0, [0], sample=True)]))
@@ -158,7 +159,7 @@ def test_kv_bytes_per_block(tiny_llama: Path) -> None:
 
 def test_fast_cpu_path_matches_plain_torch(tiny_models: dict[str, Path]) -> None:
     """bfloat16 with C kernels and packed weights vs the same model on plain torch ops."""
-    from tokenfab.engine.model import build_model
+    from tokenfab.engine.model.model import build_model
 
     path = tiny_models["qwen2"]
     fast = load_model(path, dtype="bfloat16")
@@ -167,7 +168,7 @@ def test_fast_cpu_path_matches_plain_torch(tiny_models: dict[str, Path]) -> None
     ids = list(range(3, 50))
     outs = []
     for loaded in (fast, plain):
-        runner = TorchRunner(loaded, num_blocks=8, block_size=BLOCK)
+        runner = ModelRunner(loaded, num_blocks=8, block_size=BLOCK)
         first = runner.execute(StepBatch([SeqChunk(ids, 0, [0, 1, 2, 3], sample=True)]))
         nxt = runner.execute(StepBatch([SeqChunk([9], len(ids), [0, 1, 2, 3], sample=True)]))
         outs.append(torch.cat([first, nxt]))
@@ -181,7 +182,7 @@ def test_equal_length_fresh_prompts_batched(tiny_models: dict[str, Path], device
     itself."""
     path = tiny_models["llama"]
     loaded = load_model(path, dtype="float32", device=device)
-    runner = TorchRunner(loaded, num_blocks=16, block_size=BLOCK)
+    runner = ModelRunner(loaded, num_blocks=16, block_size=BLOCK)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 500, (20,), generator=gen).tolist() for _ in range(3)]
     tables = [[0, 1], [2, 3], [4, 5]]

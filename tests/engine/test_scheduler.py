@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tokenfab.clock import ManualClock
+from tokenfab.engine.core.kv_cache import KVCacheManager
+from tokenfab.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tokenfab.engine.core.sequence import SeqStatus, Sequence
 from tokenfab.engine.errors import QueueFullError
-from tokenfab.engine.kv_cache import KVCacheManager
-from tokenfab.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from tokenfab.engine.sequence import SeqStatus, Sequence
 
 BS = 4
 

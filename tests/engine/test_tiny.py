@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tokenfab.engine.tiny import make_tiny_model
+from tokenfab.engine.tools.tiny import make_tiny_model
 
 
 def test_families_have_their_quirks(tiny_models: dict[str, Path]) -> None:

@@ -11,10 +11,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from tokenfab.engine import attention  # noqa: E402
-from tokenfab.engine import triton_kernels as tk  # noqa: E402
-from tokenfab.engine.loader import load_model  # noqa: E402
-from tokenfab.engine.runner import SeqChunk, StepBatch, TorchRunner  # noqa: E402
+from tokenfab.engine.core.batch import SeqChunk, StepBatch  # noqa: E402
+from tokenfab.engine.model import attention  # noqa: E402
+from tokenfab.engine.model import triton_kernels as tk  # noqa: E402
+from tokenfab.engine.model.loader import load_model  # noqa: E402
+from tokenfab.engine.model.runner import ModelRunner  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not tk.usable(DEVICE), reason="triton cannot run here")
@@ -94,7 +95,7 @@ def test_model_decode_with_triton_matches_torch_path(
 ) -> None:
     """A prefill, then decode steps (past mistral's 48-token window) through the Triton
     kernel, against the same model on plain torch attention."""
-    from tokenfab.engine.model import build_model
+    from tokenfab.engine.model.model import build_model
 
     path = tiny_models[family]
     plain = load_model(path, dtype="float32", device=DEVICE)
@@ -106,7 +107,7 @@ def test_model_decode_with_triton_matches_torch_path(
     tables = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     outs = []
     for loaded in (plain, fast):
-        runner = TorchRunner(loaded, num_blocks=12, block_size=16, cuda_graphs=False)
+        runner = ModelRunner(loaded, num_blocks=12, block_size=16, cuda_graphs=False)
         chunks = [SeqChunk(p, 0, t, sample=True) for p, t in zip(prompts, tables, strict=True)]
         steps = [runner.execute(StepBatch(chunks))]
         lens = [len(p) for p in prompts]
@@ -122,7 +123,7 @@ def test_model_decode_with_triton_matches_torch_path(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_ops_match_the_torch_ops(dtype: torch.dtype) -> None:
     """add+RMSNorm, RoPE and SiLU*up round as the torch ops of the layer do."""
-    from tokenfab.engine.model import RMSNorm, _rotate
+    from tokenfab.engine.model.model import RMSNorm, _rotate
 
     gen = torch.Generator().manual_seed(11)
     ops = tk.FusedOps()

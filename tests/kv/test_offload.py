@@ -12,7 +12,7 @@ import pytest
 
 from tokenfab.config import EngineConfig
 from tokenfab.engine.engine import LLMEngine
-from tokenfab.engine.loader import load_model
+from tokenfab.engine.model.loader import load_model
 from tokenfab.protocol import BlockStored, GenerateRequest, KVEvent, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -171,9 +171,9 @@ class _SetTiers:
 
 def test_scheduler_plans_onboarding_and_the_cache_records_evictions() -> None:
     from tokenfab.clock import ManualClock
-    from tokenfab.engine.kv_cache import KVCacheManager
-    from tokenfab.engine.scheduler import Scheduler, SchedulerConfig
-    from tokenfab.engine.sequence import Sequence
+    from tokenfab.engine.core.kv_cache import KVCacheManager
+    from tokenfab.engine.core.scheduler import Scheduler, SchedulerConfig
+    from tokenfab.engine.core.sequence import Sequence
 
     seq = Sequence("a", list(range(100)), block_size=BS)  # 6 full blocks
     tiers = _SetTiers(set(seq.block_hashes[:4]))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 from tokenfab.clock import ManualClock
-from tokenfab.engine.kv_cache import KVCacheManager
-from tokenfab.engine.sequence import Sequence
+from tokenfab.engine.core.kv_cache import KVCacheManager
+from tokenfab.engine.core.sequence import Sequence
 from tokenfab.kv.hashing import block_hashes
 from tokenfab.protocol import (
     AllBlocksCleared,

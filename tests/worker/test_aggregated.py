@@ -72,6 +72,7 @@ async def test_registers_serves_and_publishes(setup) -> None:
         "generate",
         "stats",
         "kv_snapshot",
+        "set_role",
     }
 
     outs = [o async for o in await rt.call("w0", "generate", _req("r1", 6), GenerateOutput)]

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     import torch
 
     from tokenfab.config import EngineConfig
-    from tokenfab.engine.kv_cache import KVCacheManager
-    from tokenfab.engine.scheduler import SchedulerOutput
+    from tokenfab.engine.core.kv_cache import KVCacheManager
+    from tokenfab.engine.core.scheduler import SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -98,13 +98,14 @@ def _recompute_from(sched: SchedulerOutput, chunk_index: int, start: int) -> Non
 
 def build_offloader(config: EngineConfig, runner: object) -> KVOffloader | None:
     """The offloader `config` asks for (None when it names no tier below G1)."""
-    from tokenfab.engine.runner import TorchRunner
+    from tokenfab.engine.torch_runner import TorchRunner
 
     if not (config.kv_host_gb > 0 or config.kv_disk_dir or config.kv_remote_url):
         return None
     if not isinstance(runner, TorchRunner):
         raise ValueError("KV tiers need the torch runner (its KV tensor holds the bytes)")
-    nbytes = block_bytes(runner.kv)
+    kv = runner.model_runner.kv
+    nbytes = block_bytes(kv)
     gib = 1 << 30
     host = disk = remote = None
     if config.kv_host_gb > 0:
@@ -125,4 +126,4 @@ def build_offloader(config: EngineConfig, runner: object) -> KVOffloader | None:
             config.kv_remote_url, nbytes, int(config.kv_remote_gb * gib), config.kv_remote_bucket
         )
     store = TieredKVStore(nbytes, host, disk, remote)
-    return KVOffloader(store, runner.kv, config.kv_offload_min_reuse)
+    return KVOffloader(store, kv, config.kv_offload_min_reuse)

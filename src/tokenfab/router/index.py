@@ -4,7 +4,8 @@ Block hashes are chained (tokenfab.kv.hashing): a hash stands for its block *and
 prefix before it, so a flat map hash -> holders is enough; no tree is needed to find the longest
 cached prefix of a request, only a walk along the request's own hashes. Holders are an int
 bitmask of worker slots (worker ids interned to bit positions, freed slots reused), so the walk
-ANDs masks and stops as soon as no worker is left.
+ANDs masks and stops as soon as no worker is left. The table itself is `holders.py`'s (in C
+where a compiler is available).
 
 The index follows each worker's event stream by event id. A gap (an event id that is not the
 next one) means events were lost: the worker's entries can no longer be trusted to be complete,
@@ -20,7 +21,6 @@ import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
 
 from tokenfab.protocol import (
     AllBlocksCleared,
@@ -30,14 +30,12 @@ from tokenfab.protocol import (
     KVEventBatch,
     KVSnapshot,
 )
+from tokenfab.router.holders import CLEAR, Holders, make_holders
 
 FIRST_EVENT_ID = 1
 """Id of an engine's first KV event: `KVCacheManager` pre-increments its counter from 0. A
 worker whose first event the index sees has a larger id joined before the router (or its first
 events were lost) and must be re-synced from a snapshot."""
-
-_BULK = 4
-"""Runs of at least this many hashes take the C-level path in `_store`/`_remove`."""
 
 DEFAULT_RESYNC_BUFFER = 16_384
 """Events kept per worker while it waits for a snapshot; older ones are dropped (the replay
@@ -46,8 +44,8 @@ then finds a gap and asks for another snapshot rather than apply an incomplete s
 
 @dataclass(slots=True)
 class _WorkerState:
-    bit: int
-    """The worker's one-bit mask (1 << slot)."""
+    slot: int
+    """The worker's bit position in the table's masks."""
     num_blocks: int = 0
     last_event_id: int = FIRST_EVENT_ID - 1
     resync: bool = False
@@ -61,11 +59,12 @@ class KVIndex:
         self,
         first_event_id: int = FIRST_EVENT_ID,
         resync_buffer: int = DEFAULT_RESYNC_BUFFER,
+        holders: Holders | None = None,
     ) -> None:
         self._first_event_id = first_event_id
         self._resync_buffer = resync_buffer
-        self._holders: dict[int, int] = {}
-        """Block hash -> bitmask of the worker slots holding it (never 0: empty entries go)."""
+        self._holders: Holders = holders if holders is not None else make_holders()
+        """Block hash -> bitmask of the worker slots holding it."""
         self._tiers: dict[str, dict[int, int]] = {}
         """Lower tiers (host, disk, remote): block hash -> mask of the workers holding it
         there. Kept apart from `_holders` (G1), so the hot path is unchanged."""
@@ -86,7 +85,7 @@ class KVIndex:
 
     def worker_bit(self, worker_id: str) -> int:
         """The worker's one-bit mask in `find_matches`'s `overlay` (registers the worker)."""
-        return self._state(worker_id).bit
+        return 1 << self._state(worker_id).slot
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget the worker at once: its blocks, event position and slot."""
@@ -95,9 +94,8 @@ class KVIndex:
             return
         self._drop_all(state)
         self._drop_tiers(state)
-        slot = state.bit.bit_length() - 1
-        self._slot_owner[slot] = None
-        heapq.heappush(self._free_slots, slot)
+        self._slot_owner[state.slot] = None
+        heapq.heappush(self._free_slots, state.slot)
 
     def last_event_id(self, worker_id: str) -> int:
         """Id of the worker's newest event applied (or covered by a snapshot); an unseen worker
@@ -136,7 +134,7 @@ class KVIndex:
 
     def holders(self, block_hash: int) -> list[str]:
         """Workers holding one block (for tests and debugging; `find_matches` is the fast path)."""
-        return self._workers_of(self._holders.get(block_hash, 0))
+        return self._workers_of(self._holders.mask(block_hash))
 
     # ------------------------------------------------------------------ events
 
@@ -172,6 +170,8 @@ class KVIndex:
 
     def _apply_events(self, state: _WorkerState, events: Iterable[KVEvent]) -> bool:
         first = last = state.last_event_id
+        ops: list[int] = []
+        runs: list[Sequence[int]] = []
         it = iter(events)
         for event in it:
             event_id = event.event_id
@@ -190,86 +190,34 @@ class KVIndex:
             # cheapest dispatch on this hot path.
             kind = type(event)
             if kind is not AllBlocksCleared and event.tier != "device":  # type: ignore[union-attr]
+                # Lower tiers live in their own maps: order against the G1 ops is irrelevant.
                 self._tier_event(state, event)  # type: ignore[arg-type]
             elif kind is BlockStored:
-                self._store(state, event.block_hashes)  # type: ignore[union-attr]
+                hashes = event.block_hashes  # type: ignore[union-attr]
+                ops.append(len(hashes))
+                runs.append(hashes)
             elif kind is BlockRemoved:
-                self._remove(state, event.block_hashes)  # type: ignore[union-attr]
+                hashes = event.block_hashes  # type: ignore[union-attr]
+                ops.append(~len(hashes))
+                runs.append(hashes)
             elif kind is AllBlocksCleared:
-                self._drop_all(state)
+                ops.append(CLEAR)
+        if ops:
+            # The events up to a gap go to the table in one call (one C call when native).
+            state.num_blocks += self._holders.apply(state.slot, ops, runs)
         state.last_event_id = last
         self.events_applied += last - first  # ids are contiguous
         return not state.resync
 
-    # ------------------------------------------------------------------ block sets
-
-    # Hot path. Runs of `_BULK` or more hashes do their per-hash work inside C-level builtins
-    # (map over dict methods, list.count), with a Python loop only for hashes other workers
-    # also hold; shorter runs (a decoding sequence filled one block) take a plain loop, cheaper
-    # than building lists. Together ~1.4x the event rate of plain loops, and ~2x that of also
-    # keeping a set of hashes per worker (benchmarks/router_index.py).
-
     def _store(self, state: _WorkerState, hashes: Sequence[int]) -> None:
-        holders = self._holders
-        bit = state.bit
-        before = len(holders)
-        added = 0
-        # setdefault inserts a new hash with this worker's bit, or returns the existing mask.
-        if len(hashes) < _BULK:
-            for h in hashes:
-                mask = holders.setdefault(h, bit)
-                if mask != bit:
-                    added += not mask & bit
-                    holders[h] = mask | bit
-        else:
-            masks = list(map(holders.setdefault, hashes, repeat(bit)))
-            if masks.count(bit) != len(masks):
-                for h, mask in zip(hashes, masks, strict=True):
-                    if mask != bit:
-                        mask = holders[h]  # again: the run may hold this hash twice
-                        added += not mask & bit
-                        holders[h] = mask | bit
-        state.num_blocks += added + len(holders) - before
-
-    def _remove(self, state: _WorkerState, hashes: Sequence[int]) -> None:
-        holders = self._holders
-        bit = state.bit
-        if len(hashes) < _BULK:
-            masks = [holders.pop(h, 0) for h in hashes]
-        else:
-            masks = list(map(holders.pop, hashes, repeat(0)))
-            if masks.count(bit) == len(masks):
-                state.num_blocks -= len(masks)  # all were this worker's alone
-                return
-        keep = ~bit
-        removed = 0
-        for h, mask in zip(hashes, masks, strict=True):
-            if mask != bit:
-                rest = mask & keep
-                if rest:
-                    holders[h] = rest  # others still hold it
-                if not mask & bit:
-                    continue
-            removed += 1
-        state.num_blocks -= removed
+        state.num_blocks += self._holders.apply(state.slot, (len(hashes),), (hashes,))
 
     def _drop_all(self, state: _WorkerState) -> None:
-        """Remove the worker from every entry: a scan of the whole map (~50 ms per million
-        hashes here), paid only on AllBlocksCleared, worker removal and snapshots, so that the
-        hot path keeps no per-worker set."""
-        if not state.num_blocks:
-            return
-        holders = self._holders
-        bit = state.bit
-        mine = list(compress(holders, map(bit.__and__, holders.values())))
-        masks = list(map(holders.pop, mine))
-        if masks.count(bit) != len(masks):
-            keep = ~bit
-            for h, mask in zip(mine, masks, strict=True):
-                rest = mask & keep
-                if rest:
-                    holders[h] = rest
-        state.num_blocks = 0
+        """Remove the worker from every entry: a scan of the whole table, paid only on
+        AllBlocksCleared, worker removal and snapshots, so that the hot path keeps no
+        per-worker set."""
+        if state.num_blocks:
+            state.num_blocks += self._holders.apply(state.slot, (CLEAR,), ())
 
     # ------------------------------------------------------------------ lower tiers
 
@@ -280,7 +228,7 @@ class KVIndex:
         holders = self._tiers.get(event.tier)
         if holders is None:
             return
-        keep = ~state.bit
+        keep = ~(1 << state.slot)
         for h in event.block_hashes:
             rest = holders.get(h, 0) & keep
             if rest:
@@ -290,14 +238,15 @@ class KVIndex:
 
     def _tier_store(self, tier: str, state: _WorkerState, hashes: Sequence[int]) -> None:
         holders = self._tiers.setdefault(tier, {})
-        bit = state.bit
+        bit = 1 << state.slot
         for h in hashes:
             holders[h] = holders.get(h, 0) | bit
 
     def _drop_tiers(self, state: _WorkerState) -> None:
-        keep = ~state.bit
+        bit = 1 << state.slot
+        keep = ~bit
         for holders in self._tiers.values():
-            for h in [h for h, m in holders.items() if m & state.bit]:
+            for h in [h for h, m in holders.items() if m & bit]:
                 rest = holders[h] & keep
                 if rest:
                     holders[h] = rest
@@ -316,9 +265,10 @@ class KVIndex:
         tiers.sort(key=lambda pair: pair[1])
         out: dict[str, tuple[int, float]] = {}
         for worker, state in self._workers.items():
+            bit = 1 << state.slot
             n, cost = 0, 0.0
             for h in hashes[start.get(worker, 0) :]:
-                price = next((c for holders, c in tiers if holders.get(h, 0) & state.bit), None)
+                price = next((c for holders, c in tiers if holders.get(h, 0) & bit), None)
                 if price is None:
                     break
                 n += 1
@@ -340,40 +290,23 @@ class KVIndex:
         is about to compute."""
         if not hashes:
             return {}
-        holders = self._holders
-        mask_of: Callable[[int], int | None] = holders.get  # the bound method: no extra call
+        extra: Callable[[int], int] | None = None
         if overlay:
-            extra = overlay.get
+            get = overlay.get
 
-            def with_overlay(h: int) -> int | None:
-                return holders.get(h, 0) | extra(h, 0)
+            def extra(h: int) -> int:
+                return get(h, 0)
 
-            mask_of = with_overlay
-
-        current = mask_of(hashes[0]) or 0
-        if not current:
-            return {}
         matches: dict[str, int] = {}
         owner = self._slot_owner
-        for depth in range(1, len(hashes)):
-            mask = (mask_of(hashes[depth]) or 0) & current
-            if mask != current:
-                # Workers that dropped out here hold exactly `depth` leading blocks.
-                self._record(matches, current & ~mask, depth, owner)
-                if not mask:
-                    return matches
-                current = mask
-        self._record(matches, current, len(hashes), owner)
+        for depth, mask in self._holders.walk(hashes, extra):
+            while mask:
+                low = mask & -mask
+                worker = owner[low.bit_length() - 1]
+                if worker is not None:
+                    matches[worker] = depth
+                mask ^= low
         return matches
-
-    @staticmethod
-    def _record(matches: dict[str, int], mask: int, depth: int, owner: list[str | None]) -> None:
-        while mask:
-            low = mask & -mask
-            worker = owner[low.bit_length() - 1]
-            if worker is not None:
-                matches[worker] = depth
-            mask ^= low
 
     # ------------------------------------------------------------------ helpers
 
@@ -386,8 +319,9 @@ class KVIndex:
             else:
                 slot = len(self._slot_owner)
                 self._slot_owner.append(worker_id)
+            self._holders.reserve(slot)
             state = self._workers[worker_id] = _WorkerState(
-                bit=1 << slot,
+                slot=slot,
                 last_event_id=self._first_event_id - 1,
                 buffer=deque(maxlen=self._resync_buffer),
             )

@@ -315,6 +315,15 @@ class Registration:
         self._endpoints.append(ep)
         return ep
 
+    async def reannounce(self, metadata: dict[str, Any]) -> None:
+        """Announce the instance again with new metadata, as a new incarnation (watchers see
+        it `added` anew and re-read it; a worker that changed role does this). Its
+        endpoints stay served throughout."""
+        self.info = msgspec.structs.replace(
+            self.info, metadata=dict(metadata), incarnation=uuid.uuid4().hex
+        )
+        self.lease_id = await self._runtime.discovery.put(self.info, self.ttl)
+
     async def _keep_alive(self) -> None:
         disc = self._runtime.discovery
         while True:

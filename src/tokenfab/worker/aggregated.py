@@ -5,6 +5,11 @@ It registers as a `worker` instance (metadata: a `WorkerInfo`), serves `generate
 request), `stats` (a fresh LoadReport) and `kv_snapshot` (its whole prefix cache, for a router
 that missed events), and publishes KVEventBatch on `kv_events` and periodic LoadReport on
 `load`.
+
+It also serves `set_role` (RoleChange in, RoleChangeStatus out): the planner's control
+endpoint. The worker drains (new requests are refused as `unavailable` before any output,
+so the frontend sends them to another worker; the ones in flight run to the end), switches
+role, and announces itself again (a new discovery incarnation carrying the new WorkerInfo).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from tokenfab.engine.errors import EngineDeadError, InvalidRequestError, QueueFu
 from tokenfab.protocol import (
     KV_EVENTS_TOPIC,
     LOAD_TOPIC,
+    SET_ROLE_ENDPOINT,
     WORKER_COMPONENT,
     GenerateOutput,
     GenerateRequest,
@@ -30,6 +36,8 @@ from tokenfab.protocol import (
     KVEventBatch,
     KVSnapshot,
     LoadReport,
+    RoleChange,
+    RoleChangeStatus,
     SnapshotRequest,
     StatsRequest,
     WorkerInfo,
@@ -78,6 +86,11 @@ class AggregatedWorker:
         self._lease_ttl = lease_ttl
         self._registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        """A role change is under way: new requests are refused."""
 
     def info(self) -> WorkerInfo:
         engine = self.engine.engine  # AsyncEngine's LLMEngine
@@ -102,6 +115,7 @@ class AggregatedWorker:
                 "generate": (GenerateRequest, self._generate),
                 "stats": (StatsRequest, self._stats),
                 "kv_snapshot": (SnapshotRequest, self._snapshot),
+                SET_ROLE_ENDPOINT: (RoleChange, self._set_role),
             },
         )
         loop = asyncio.get_running_loop()
@@ -114,8 +128,12 @@ class AggregatedWorker:
     async def _generate(
         self, request: GenerateRequest, ctx: RequestContext
     ) -> AsyncIterator[GenerateOutput]:
+        if self.draining:
+            raise RemoteError("unavailable", f"worker {self.worker_id} is changing role")
         finished = False
         first = True
+        self._in_flight += 1
+        self._idle.clear()
         try:
             async with contextlib.aclosing(self.engine.generate(request)) as outputs:
                 async for out in outputs:
@@ -131,10 +149,50 @@ class AggregatedWorker:
         except EngineDeadError as e:
             raise RemoteError("unavailable", str(e)) from None
         finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
             if not finished:
                 # The caller went away (or we failed): free the request's KV blocks now.
                 with contextlib.suppress(Exception):
                     await self.engine.abort(request.request_id)
+
+    async def _set_role(
+        self, request: RoleChange, ctx: RequestContext
+    ) -> AsyncIterator[RoleChangeStatus]:
+        def status(phase: str, message: str = "") -> RoleChangeStatus:
+            return RoleChangeStatus(worker_id=self.worker_id, role=self.role, phase=phase,  # type: ignore[arg-type]
+                                    in_flight=self._in_flight, message=message)  # fmt: skip
+
+        if request.role == self.role:
+            yield status("done", f"already {self.role}")
+            return
+        if self.draining:
+            yield status("failed", "a role change is already under way")
+            return
+        self.draining = True
+        try:
+            yield status("draining")
+            try:
+                await asyncio.wait_for(self._idle.wait(), request.drain_timeout_s)
+            except TimeoutError:
+                yield status("failed", f"{self._in_flight} request(s) still running after "
+                                       f"{request.drain_timeout_s:g} s; role unchanged")  # fmt: skip
+                return
+            old = self.role
+            await self.switch_role(request.role)
+            if self._registration is not None:
+                await self._registration.reannounce(msgspec.to_builtins(self.info()))
+            log.info("worker %s: role %s -> %s", self.worker_id, old, self.role)
+        finally:
+            self.draining = False
+        yield status("done")
+
+    async def switch_role(self, role: WorkerRole) -> None:
+        """Become `role` (called drained: nothing in flight). The aggregated engine does
+        every role's work, so only the announced role changes here; a disaggregated worker
+        rebinds its prefill/decode handlers."""
+        self.role = role
 
     async def _stats(self, request: StatsRequest, ctx: RequestContext) -> AsyncIterator[LoadReport]:
         yield load_report(self.worker_id, self.engine.stats())

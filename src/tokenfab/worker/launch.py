@@ -27,7 +27,7 @@ async def start_engines(
 ) -> tuple[list[Any], list[AggregatedWorker]]:
     """Load the model once and start `count` engines, each behind an aggregated worker."""
     from tokenfab.engine.engine import AsyncEngine
-    from tokenfab.engine.loader import load_model
+    from tokenfab.engine.model.loader import load_model
     from tokenfab.engine.threads import in_fresh_thread
 
     # One copy of the weights serves every engine of this process (they are read-only).

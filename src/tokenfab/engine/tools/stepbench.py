@@ -1,6 +1,6 @@
-"""Time TorchRunner steps: a batched decode and a chunked prefill.
+"""Time ModelRunner steps: a batched decode and a chunked prefill.
 
-    python -m tokenfab.engine.stepbench [--model M] [--dtype bfloat16] [--batch 64] [--ctx 300]
+    python -m tokenfab.engine.tools.stepbench [--model M] [--dtype bfloat16] [--batch 64] [--ctx 300]
         [--prefill 2048] [--prompt-len 256] [--threads 2] [--profile]
 
 Prints milliseconds per step (median of the timed repeats) for each case.
@@ -14,11 +14,12 @@ import time
 
 import torch
 
-from tokenfab.engine.loader import load_model
-from tokenfab.engine.runner import SeqChunk, StepBatch, TorchRunner
+from tokenfab.engine.core.batch import SeqChunk, StepBatch
+from tokenfab.engine.model.loader import load_model
+from tokenfab.engine.model.runner import ModelRunner
 
 
-def _timed(runner: TorchRunner, batch: StepBatch, repeats: int) -> str:
+def _timed(runner: ModelRunner, batch: StepBatch, repeats: int) -> str:
     """Median wall and process-CPU milliseconds per step (CPU time is less disturbed by other
     processes sharing the cores; with N threads it counts up to N x wall)."""
     runner.execute(batch)  # warm-up
@@ -72,7 +73,7 @@ def main() -> None:
     loaded = load_model(args.model, dtype=args.dtype)
     bs = 16
     blocks = max(args.batch * -(-(args.ctx + 1) // bs), args.prefill // bs + 64)
-    runner = TorchRunner(loaded, num_blocks=blocks, block_size=bs, num_threads=args.threads)
+    runner = ModelRunner(loaded, num_blocks=blocks, block_size=bs, num_threads=args.threads)
     dec = decode_batch(args.batch, args.ctx, bs)
     pre = prefill_batch(args.prefill, args.prompt_len, bs)
     print(f"model={loaded.name} dtype={args.dtype} threads={torch.get_num_threads()}")

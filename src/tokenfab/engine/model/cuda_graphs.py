@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tokenfab.engine.attention import AttentionMetadata
+from tokenfab.engine.model.attention import AttentionMetadata
 
 if TYPE_CHECKING:
-    from tokenfab.engine.model import CausalLM
+    from tokenfab.engine.model.model import CausalLM
 
 BUCKET_STEPS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 """Small batch buckets; beyond 64, every multiple of 32 (padding at most 31 rows)."""

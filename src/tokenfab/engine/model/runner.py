@@ -1,53 +1,20 @@
-"""Runs one scheduled step of the model over the paged KV cache.
+"""Runs one scheduled step of the model over the paged KV cache: a `StepBatch` in, logits out.
 
-The interface here is the contract between the pure-Python scheduler side (kv_cache, scheduler,
-engine) and the torch side (model, attention). `TorchRunner` runs the real model; a `SimRunner`
-(twin) will stand in with the factory model's step times.
+`TorchRunner` (engine/torch_runner.py) wraps it with sampling to make the step loop's runner.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from tokenfab.engine.attention import AttentionMetadata
-    from tokenfab.engine.loader import LoadedModel
-    from tokenfab.engine.model import ModelConfig
-
-
-@dataclass(slots=True)
-class SeqChunk:
-    """One sequence's share of a step."""
-
-    token_ids: list[int]
-    """The tokens to compute this step: a prefill chunk, or the single newest token in decode."""
-    start_pos: int
-    """Position of token_ids[0]; positions [0, start_pos) are already in the KV cache."""
-    block_table: list[int]
-    """Physical block ids holding positions [0, start_pos + len(token_ids)), in order."""
-    sample: bool
-    """Whether to return logits at the last of token_ids (false for a non-final prefill chunk)."""
-    all_logits: bool = False
-    """Return logits at every one of token_ids (prompt logprobs); they include the sample row."""
-
-
-@dataclass(slots=True)
-class StepBatch:
-    chunks: list[SeqChunk]
-
-
-class Runner(Protocol):
-    block_size: int
-    num_blocks: int
-
-    def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Write the chunks' K/V into their blocks, run the model, and return float32 logits in
-        chunk order: one row per chunk with sample=True, or one per token with all_logits."""
-        ...
+    from tokenfab.engine.core.batch import StepBatch
+    from tokenfab.engine.model.attention import AttentionMetadata
+    from tokenfab.engine.model.loader import LoadedModel
+    from tokenfab.engine.model.model import ModelConfig
 
 
 def kv_bytes_per_block(
@@ -62,7 +29,7 @@ def kv_bytes_per_block(
     return per_token * block_size
 
 
-class TorchRunner:
+class ModelRunner:
     """Runs steps of a `CausalLM` over a KV cache it allocates: per layer a K and a V tensor of
     shape [num_blocks, block_size, num_kv_heads, head_dim] in the model's dtype."""
 
@@ -96,7 +63,7 @@ class TorchRunner:
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_layers)]
         self.graphs = None
         if graphs:
-            from tokenfab.engine.cuda_graphs import DecodeGraphs
+            from tokenfab.engine.model.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(
                 self.model,
@@ -125,7 +92,7 @@ class TorchRunner:
         token), then a CUDA graph replay where one fits, else the eager model."""
         import torch
 
-        from tokenfab.engine.attention import AttentionMetadata
+        from tokenfab.engine.model.attention import AttentionMetadata
 
         ids, pos, slots, tables = self._decode_arrays(batch)
         sample = [i for i, c in enumerate(batch.chunks) if c.sample]
@@ -196,7 +163,7 @@ class TorchRunner:
         and the rows whose logits are wanted (in chunk order); None for an empty batch."""
         import torch
 
-        from tokenfab.engine.attention import AttentionMetadata, PrefillSpan
+        from tokenfab.engine.model.attention import AttentionMetadata, PrefillSpan
 
         bs = self.block_size
         dev = self.device

@@ -14,7 +14,7 @@ def make_tiny(
     seed: int = typer.Option(0, help="Seed of the random weights."),
 ) -> None:
     """Write a random-weight HF-format model (a few million parameters) with a tokenizer."""
-    from tokenfab.engine.tiny import TINY_FAMILIES, make_tiny_model
+    from tokenfab.engine.tools.tiny import TINY_FAMILIES, make_tiny_model
 
     if family not in TINY_FAMILIES:
         typer.echo(f"error: --family must be one of {', '.join(TINY_FAMILIES)}", err=True)
@@ -27,7 +27,7 @@ def convert(
     gguf: str = typer.Argument(None, help="A .gguf file; default: the bundled SmolLM2-135M."),
 ) -> None:
     """Dequantize a GGUF into a cached HF folder (once) and print the folder."""
-    from tokenfab.engine.loader import resolve_model
+    from tokenfab.engine.model.loader import resolve_model
 
     if gguf is not None and not gguf.endswith(".gguf"):
         typer.echo(f"error: {gguf} is not a .gguf file", err=True)
@@ -47,9 +47,9 @@ def info(
     """Show a model's shape, dtype, eos ids and KV bytes per token."""
     import json
 
-    from tokenfab.engine.loader import model_name, resolve_model
-    from tokenfab.engine.model import load_model_config
-    from tokenfab.engine.runner import kv_bytes_per_block
+    from tokenfab.engine.model.loader import model_name, resolve_model
+    from tokenfab.engine.model.model import load_model_config
+    from tokenfab.engine.model.runner import kv_bytes_per_block
 
     try:
         path = resolve_model(model)
@@ -107,7 +107,7 @@ def generate(
     import sys
     import time
 
-    from tokenfab.engine.cli_generate import run_generate
+    from tokenfab.engine.tools.cli_generate import run_generate
 
     try:
         result = run_generate(

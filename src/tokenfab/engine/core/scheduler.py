@@ -22,10 +22,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tokenfab.clock import Clock, MonotonicClock
+from tokenfab.engine.core.batch import SeqChunk, StepBatch
+from tokenfab.engine.core.kv_cache import KVCacheManager
+from tokenfab.engine.core.sequence import SeqStatus, Sequence
 from tokenfab.engine.errors import QueueFullError
-from tokenfab.engine.kv_cache import KVCacheManager
-from tokenfab.engine.runner import SeqChunk, StepBatch
-from tokenfab.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass

@@ -279,7 +279,7 @@ class TritonKernels(FusedOps):
         v: torch.Tensor,
         slots: torch.Tensor,
     ) -> None:
-        from tokenfab.engine.attention import write_kv
+        from tokenfab.engine.model.attention import write_kv
 
         write_kv(k_cache, v_cache, k, v, slots)
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Protocol
 
-from tokenfab.engine.sequence import Sequence
+from tokenfab.engine.core.sequence import Sequence
 from tokenfab.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVTier
 
 EventSink = Callable[[list[KVEvent]], None]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from tokenfab.engine.cpu_kernels import CpuKernels
+    from tokenfab.engine.model.cpu_kernels import CpuKernels
 
 
 @dataclass

@@ -1,0 +1,2 @@
+"""Engine tools: GGUF conversion, tiny test models, the step benchmark and the `tokenfab engine`
+CLI."""
