@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from tokenfab.protocol import WorkerRole
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 RouterPolicy = Literal["kv", "round_robin", "random", "least_loaded"]
 
@@ -50,6 +52,17 @@ class EngineConfig:
 
 @dataclass
 class ServerConfig:
+    def roles(self) -> list[WorkerRole]:
+        """Each engine worker's role, in start order."""
+        if self.prefill_workers or self.decode_workers:
+            if self.prefill_workers < 1 or self.decode_workers < 1:
+                raise ValueError(
+                    "disaggregated serving needs at least one prefill and one decode worker "
+                    f"(got --prefill {self.prefill_workers} --decode {self.decode_workers})"
+                )
+            return ["prefill"] * self.prefill_workers + ["decode"] * self.decode_workers
+        return ["aggregated"] * self.workers
+
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -71,5 +84,13 @@ class ServerConfig:
     default_max_tokens: int | None = 1024
     """Chat requests without max_tokens generate at most this many (capped by the context's
     room); None: up to the whole room."""
+    prefill_workers: int = 0
+    """Disaggregated serving: this many prefill workers beside `decode_workers` decode
+    workers (both > 0), instead of `workers` aggregated ones."""
+    decode_workers: int = 0
+    disagg_min_uncached_tokens: int = 256
+    """Prompts missing fewer tokens on the decode worker are prefilled there."""
+    disagg_max_prefill_queue_tokens: int = 16384
+    """A prefill worker queued deeper than this is skipped (the decode worker prefills)."""
     external_router: bool = False
     """Ask a standalone `tokenfab router` on the runtime (routing here when none answers)."""

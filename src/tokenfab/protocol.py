@@ -53,6 +53,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     structured: StructuredOutput | None = None
     prompt_logprobs: int | None = None
     """None: none; k >= 0: every prompt token's logprob (the first is null) plus top-k."""
+    allowed_token_ids: list[int] = []
+    """vLLM's allowed_token_ids: when non-empty, every other token is masked out."""
+    bad_words_token_ids: list[list[int]] = []
+    """vLLM's bad_words, tokenized: the last token of a word is masked out while the output
+    ends with the tokens before it (a one-token word is never generated)."""
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for an API client if any field is out of range."""
@@ -120,6 +125,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             list(self.logit_bias),
         )
         _check(
+            all(t >= 0 for t in self.allowed_token_ids),
+            "allowed_token_ids must be non-negative",
+            self.allowed_token_ids,
+        )
+        _check(
+            all(w and all(t >= 0 for t in w) for w in self.bad_words_token_ids),
+            "bad_words must tokenize to non-empty, non-negative token ids",
+            self.bad_words_token_ids,
+        )
+        _check(
             all(isinstance(s, str) and s for s in self.stop),
             "stop strings must be non-empty",
             self.stop,
@@ -154,6 +169,8 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     cache_salt: str | None = None
     """Extra key folded into every block hash, isolating this request's prefix cache."""
     lora_name: str | None = None
+    remote_prefill: RemotePrefill | None = None
+    """Disaggregated serving: the prompt is computed on another worker (see RemotePrefill)."""
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
@@ -265,6 +282,10 @@ class LoadReport(msgspec.Struct, kw_only=True):
     num_steps: int = 0
     step_time_ema: float = 0.0
     """Seconds per engine step, exponentially averaged (0: no step yet)."""
+    kv_blocks_held: int = 0
+    """Blocks kept for other workers to pull (disaggregated prefill)."""
+    kv_blocks_imported: int = 0
+    """Blocks received from other workers (total)."""
 
 
 WorkerRole = Literal["aggregated", "prefill", "decode"]
@@ -320,6 +341,60 @@ class SnapshotRequest(msgspec.Struct, kw_only=True):
 
 class StatsRequest(msgspec.Struct, kw_only=True):
     """Ask a worker for a fresh LoadReport (its `stats` endpoint)."""
+
+
+# ---------------------------------------------------------------- disaggregated serving
+
+
+class RemotePrefill(msgspec.Struct, kw_only=True):
+    """Attached to a GenerateRequest sent to a decode worker: have this prefill worker compute
+    the prompt (and first token), then pull its KV blocks (tokenfab.kv.transfer)."""
+
+    worker_id: str
+    min_uncached_tokens: int = 0
+    """Prefill locally instead when fewer prompt tokens than this are missing here."""
+    hold_s: float = 30.0
+    """How long the prefill worker keeps the blocks for the pull."""
+
+
+class PrefillRequest(msgspec.Struct, kw_only=True):
+    """A prefill worker's `prefill` endpoint: compute the prompt and its first token, and hold
+    the prompt's full blocks for `hold_s` seconds (or until pulled with release)."""
+
+    request: GenerateRequest
+    hold_s: float = 30.0
+
+
+class PrefillResponse(msgspec.Struct, kw_only=True):
+    output: GenerateOutput
+    """The first token's output. finish_reason set: the request is complete already."""
+    hold_id: str
+    block_hashes: list[int]
+    """The held blocks' chained hashes (the prompt's leading full blocks)."""
+    data_address: str
+    """Where to pull them (`host:port` of the worker's KV data plane, or `inproc://id`)."""
+    block_bytes: int
+
+
+KVFrameKind = Literal["pull", "blocks", "done", "error"]
+
+
+class KVFrameHeader(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Header of one KV data-plane frame (kv/transfer.py); `payload_bytes` of raw block bytes
+    follow it."""
+
+    kind: KVFrameKind
+    hold_id: str = ""
+    block_hashes: list[int] = []
+    """pull: the blocks wanted, in chain order; blocks: the blocks in this frame's payload."""
+    block_bytes: int = 0
+    payload_bytes: int = 0
+    checksum: int = 0
+    """xxh3-64 of the payload."""
+    release: bool = False
+    """pull: let the hold go once these blocks are sent."""
+    message: str = ""
+    """error: what went wrong."""
 
 
 class RoleChange(msgspec.Struct, kw_only=True):

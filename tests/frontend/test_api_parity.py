@@ -273,6 +273,10 @@ def _first_token_id(client: openai.OpenAI, server) -> int:
     return int(r.choices[0].logprobs.content[0].token.split(":")[1])
 
 
+def _token_ids(r) -> list[int]:
+    return [int(t.token.split(":")[1]) for t in r.choices[0].logprobs.content]
+
+
 def test_echo_logprobs_equal_transformers_scoring(client: openai.OpenAI, server) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -345,7 +349,7 @@ def test_default_max_tokens_is_capped(client: openai.OpenAI, server) -> None:
         ("bogus_field", 1),
         ("use_beam_search", True),
         ("functions", [{"name": "f"}]),
-        ("bad_words", ["x"]),
+        ("logits_processors", ["x"]),
         ("priority", 3),
         ("audio", {"voice": "x"}),
         ("suffix_typo", "x"),
@@ -401,3 +405,91 @@ def test_responses_structured_and_tools(client: openai.OpenAI, server) -> None:
     assert calls and calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"]
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model=server.model, input="x", previous_response_id="resp_1")
+
+
+def test_return_token_ids_and_truncation_side(client: openai.OpenAI, server) -> None:
+    ids = list(range(10, 18))
+    for side, kept in (("right", ids[:4]), ("left", ids[-4:])):
+        r = client.completions.create(
+            model=server.model,
+            prompt=ids,
+            max_tokens=3,
+            temperature=0,
+            extra_body={
+                "return_token_ids": True,
+                "truncate_prompt_tokens": 4,
+                "truncation_side": side,
+                "ignore_eos": True,
+            },
+        )
+        choice = r.choices[0]
+        assert choice.prompt_token_ids == kept
+        assert len(choice.token_ids) == 3 and r.usage.prompt_tokens == 4
+        assert choice.prompt_logprobs is None
+
+
+def test_continuous_usage_needs_include_usage(client: openai.OpenAI, server) -> None:
+    def usages(include: bool) -> list:
+        stream = client.completions.create(
+            model=server.model,
+            prompt="x",
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": include, "continuous_usage_stats": True},
+        )
+        return [c.usage for c in stream]
+
+    assert all(u is None for u in usages(False))
+    assert all(u is not None for u in usages(True))
+
+
+def test_responses_default_tool_choice_and_penalties(client: openai.OpenAI, server) -> None:
+    # Clients send tool_choice "auto" with no tools; penalties are honoured as in chat.
+    r = client.responses.create(
+        model=server.model,
+        input="hi",
+        max_output_tokens=4,
+        tool_choice="auto",
+        extra_body={"frequency_penalty": 1.0, "presence_penalty": 0.5},
+    )
+    assert r.status in ("completed", "incomplete") and r.usage.output_tokens <= 4
+    assert client.models.retrieve(server.model).root == server.model
+
+
+def test_allowed_token_ids_confine_sampling(client: openai.OpenAI, server) -> None:
+    allowed = [5, 42, 77]
+    for temperature in (0.0, 1.0):
+        r = chat(
+            client,
+            server,
+            max_tokens=12,
+            temperature=temperature,
+            logprobs=True,
+            extra_body={
+                "allowed_token_ids": allowed,
+                "ignore_eos": True,
+                "return_tokens_as_token_ids": True,
+            },
+        )
+        got = _token_ids(r)
+        assert len(got) == 12 and set(got) <= set(allowed), got
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, server, extra_body={"allowed_token_ids": [10**9]})
+    assert e.value.body["param"] == "allowed_token_ids"
+
+
+def test_bad_words_are_never_generated(client: openai.OpenAI, server) -> None:
+    from transformers import AutoTokenizer
+
+    kw = dict(max_tokens=8, temperature=0, logprobs=True)
+    extra = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    base = _token_ids(chat(client, server, **kw, extra_body=extra))
+    tok = AutoTokenizer.from_pretrained(server.thread.engine_config.model)
+    word = tok.decode([base[0]])
+    r = chat(client, server, **kw, extra_body={**extra, "bad_words": [word]})
+    got = _token_ids(r)
+    assert got[0] != base[0]
+    for spelling in (word.strip(), " " + word.strip()):
+        ids = tok.encode(spelling, add_special_tokens=False)
+        if len(ids) == 1:
+            assert ids[0] not in got, (spelling, got)

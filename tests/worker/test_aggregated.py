@@ -72,8 +72,10 @@ async def test_registers_serves_and_publishes(setup) -> None:
         "generate",
         "stats",
         "kv_snapshot",
+        "prefill",
         "set_role",
     }
+    assert info.metadata["data_address"]  # every role serves its KV data plane
 
     outs = [o async for o in await rt.call("w0", "generate", _req("r1", 6), GenerateOutput)]
     assert sum(len(o.token_ids) for o in outs) == 6

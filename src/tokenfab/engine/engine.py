@@ -14,8 +14,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from tokenfab.clock import Clock
 from tokenfab.config import EngineConfig
@@ -30,12 +30,14 @@ from tokenfab.engine.errors import (
     InvalidRequestError,
     QueueFullError,
 )
+from tokenfab.engine.kv_io import KVBlockIO
 from tokenfab.engine.threads import ThreadTuner, available_cpus, settle_threadsafe
 from tokenfab.engine.torch_runner import TorchRunner
 from tokenfab.kv.offload import build_offloader
 from tokenfab.protocol import GenerateOutput, GenerateRequest, KVSnapshot, LoadReport
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LLMEngine(EngineCore):
@@ -119,12 +121,91 @@ class LLMEngine(EngineCore):
             decode=lambda skip: decode_fn(tokenizer, skip),
             offload=build_offloader(config, runner),  # moves bytes of the runner's KV tensor
         )
+        self._holds: dict[str, list[int]] = {}
+        """Blocks kept for another worker to pull (hold id -> block ids, see `hold_prefix`)."""
+        self._blocks_imported = 0
+        self._block_io: KVBlockIO | None = None
 
     @property
     def num_threads(self) -> int:
         """The intra-op thread count steps currently run with."""
         runner = self.runner
         return runner.num_threads if isinstance(runner, TorchRunner) else 1
+
+    # ------------------------------------------------------------------ moving KV blocks
+    # Disaggregated serving moves a prompt's K/V from the worker that computed it to the one
+    # that decodes. These methods run on the engine thread (AsyncEngine.run_on_engine); the
+    # bytes travel through the worker (tokenfab.kv.transfer), never through the scheduler.
+
+    @property
+    def block_io(self) -> KVBlockIO:
+        """Reads and writes blocks' bytes in the runner's pool."""
+        if self._block_io is None:
+            if not isinstance(self.runner, TorchRunner):
+                raise EngineError("this engine's runner has no KV pool to move blocks from")
+            self._block_io = KVBlockIO(self.runner.model_runner.kv)
+        return self._block_io
+
+    def cached_prefix_length(self, block_hashes: list[int]) -> int:
+        """Leading blocks of the chain cached here."""
+        return self.kv.cached_prefix_length(block_hashes)
+
+    def hold_prefix(self, hold_id: str, block_hashes: list[int]) -> list[int]:
+        """Keep the cached leading blocks of this chain until `release_hold(hold_id)`: no
+        eviction, no rewrite, so another thread may read them. Returns the held hashes (a
+        prefix of the chain; fewer if some were evicted already)."""
+        if hold_id in self._holds:
+            raise InvalidRequestError(f"hold {hold_id!r} exists already")
+        ids = self.kv.hold(block_hashes)
+        self._holds[hold_id] = ids
+        return block_hashes[: len(ids)]
+
+    def held_blocks(self, hold_id: str) -> list[int]:
+        """Block ids of a hold, in chain order ([] if unknown or released)."""
+        return list(self._holds.get(hold_id, ()))
+
+    def release_hold(self, hold_id: str) -> int:
+        """Let a hold's blocks go (they stay cached until evicted); returns their count."""
+        ids = self._holds.pop(hold_id, None)
+        if not ids:
+            return 0
+        self.kv.unhold(ids)
+        return len(ids)
+
+    def import_blocks(
+        self,
+        block_hashes: list[int],
+        data: memoryview | bytes,
+        parent_hash: int | None,
+        token_ids: list[int],
+        lora_name: str | None = None,
+    ) -> int:
+        """Put blocks computed elsewhere into this cache as the chain `block_hashes` (after
+        `parent_hash`; `token_ids` are their tokens): a request admitted next finds them as
+        its cached prefix. Imports as many leading blocks as there are free ones; returns
+        that count."""
+        bb = self.block_io.block_bytes
+        if len(data) != len(block_hashes) * bb:
+            raise ValueError(f"{len(data)} bytes for {len(block_hashes)} blocks of {bb}")
+        ids = self.kv.reserve(len(block_hashes))
+        if self.offload is not None:
+            self.offload.offload_evicted(self.kv)  # reserving evicted them: save before writing
+        try:
+            self.block_io.write(ids, memoryview(data)[: len(ids) * bb])
+        except BaseException:
+            self.kv.unhold(ids)
+            raise
+        self.kv.adopt(ids, block_hashes[: len(ids)], parent_hash, token_ids, lora_name)
+        self._blocks_imported += len(ids)
+        self._flush_events()
+        return len(ids)
+
+    def stats(self) -> LoadReport:
+        """EngineCore's report plus the blocks held for and imported from other workers."""
+        report = super().stats()
+        report.kv_blocks_held = sum(len(ids) for ids in self._holds.values())
+        report.kv_blocks_imported = self._blocks_imported
+        return report
 
 
 # ---------------------------------------------------------------------- async
@@ -267,6 +348,16 @@ class AsyncEngine:
         self._inbox.put(("snapshot", (worker_id, done)))
         return await done
 
+    async def run_on_engine(self, fn: Callable[[LLMEngine], T]) -> T:
+        """`fn(engine)` on the engine thread between steps (KV block moves, holds); its
+        exception is raised here."""
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._inbox.put(("call", (fn, done)))
+        return await done
+
     # ------------------------------------------------------------------ engine thread
 
     def _run(self, built: asyncio.Future[LLMEngine]) -> None:
@@ -349,6 +440,14 @@ class AsyncEngine:
             worker_id, done = arg
             assert self._loop is not None
             settle_threadsafe(self._loop, done, engine.kv_snapshot(worker_id))
+        elif kind == "call":
+            fn, done = arg
+            assert self._loop is not None
+            try:
+                result = fn(engine)
+            except Exception as e:
+                result = e
+            settle_threadsafe(self._loop, done, result)
 
     def _post(self, outputs: list[GenerateOutput | tuple[str, BaseException]]) -> None:
         loop = self._loop

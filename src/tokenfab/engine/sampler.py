@@ -89,6 +89,7 @@ class Sampler:
         for i, r in enumerate(rows):
             if r.suppress_token_ids:
                 logits[i, r.suppress_token_ids] = float("-inf")
+        _apply_token_masks(logits, rows)
         masked = [i for i, r in enumerate(rows) if r.mask_row is not None]
         if masked and bitmask is not None:
             order = [rows[i].mask_row for i in masked]
@@ -133,6 +134,8 @@ def _plain_greedy(r: SampleRow) -> bool:
         and not r.suppress_token_ids
         and r.mask_row is None
         and not p.logit_bias
+        and not p.allowed_token_ids
+        and not p.bad_words_token_ids
         and p.repetition_penalty == 1.0
         and p.presence_penalty == 0.0
         and p.frequency_penalty == 0.0
@@ -157,6 +160,26 @@ def _apply_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> None:
         if bias:
             ids = [t for t in bias if t < vocab]
             logits[i, ids] += torch.tensor([bias[t] for t in ids], dtype=logits.dtype)
+
+
+def _apply_token_masks(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """In place: vLLM's allowed_token_ids (all else -inf) and bad_words (the word's last token
+    -inf while the output ends with the word's other tokens)."""
+    vocab = logits.shape[1]
+    for i, r in enumerate(rows):
+        allowed = r.params.allowed_token_ids
+        if allowed:
+            keep = torch.full((vocab,), float("-inf"), dtype=logits.dtype)
+            ids = [t for t in allowed if t < vocab]
+            keep[ids] = 0.0
+            logits[i] += keep
+        banned = [
+            w[-1]
+            for w in r.params.bad_words_token_ids
+            if w[-1] < vocab and (len(w) == 1 or r.output_token_ids[-(len(w) - 1) :] == w[:-1])
+        ]
+        if banned:
+            logits[i, banned] = float("-inf")
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:

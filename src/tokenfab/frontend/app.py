@@ -196,6 +196,8 @@ def build_app(state: FrontendState) -> FastAPI:
             "object": "model",
             "created": 0,
             "owned_by": "tokenfab",
+            "root": state.model_name,
+            "parent": None,
             "max_model_len": state.max_model_len,
         }
 
@@ -331,6 +333,10 @@ def build_app(state: FrontendState) -> FastAPI:
                 lp = chat_logprobs(prompts, out.logprobs, prep.token_ids_as_text)
             if not d and lp is None and out.finish_reason is None:
                 return None
+            if not d and lp is not None:
+                # A token whose text is held back (a partial stop string or character) still
+                # carries its logprobs; vLLM sends it with empty content, and clients read it.
+                d = {"content": ""}
             reason = deltas[i].finish_reason(out.finish_reason)
             return {
                 "index": i,

@@ -68,6 +68,8 @@ class Prepared:
     continuous_usage: bool = False
     token_ids_as_text: bool = False
     """vLLM's return_tokens_as_token_ids: logprob tokens written `token_id:<id>`."""
+    return_token_ids: bool = False
+    """vLLM's return_token_ids: prompt and output token ids in the (non-streamed) answer."""
     tools: ToolPlan | None = None
     reasoning: ReasoningFormat | None = None
     reasoning_inside: bool = False
@@ -104,7 +106,7 @@ def check_model(requested: str | None, served: str) -> None:
 
 
 _UNSUPPORTED_IF_SET = (
-    "bad_words", "allowed_token_ids", "logits_processors", "kv_transfer_params", "vllm_xargs",
+    "logits_processors", "kv_transfer_params", "vllm_xargs",
     "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
     "documents", "chat_template", "mm_processor_kwargs", "suffix",
 )  # fmt: skip
@@ -147,6 +149,29 @@ def _logit_bias(req: _Sampling, vocab_size: int) -> dict[int, float]:
                 f"logit_bias values must be in [-100, 100] (got {value} for {key})", "logit_bias"
             )
         out[token] = float(value)
+    return out
+
+
+def _allowed_token_ids(req: _Sampling, vocab_size: int) -> list[int]:
+    ids = req.allowed_token_ids
+    if ids is None:
+        return []
+    if not ids:
+        raise bad_request("allowed_token_ids is not None and empty!", "allowed_token_ids")
+    if any(t < 0 or (vocab_size and t >= vocab_size) for t in ids):
+        raise bad_request("allowed_token_ids contains out-of-vocab token id!", "allowed_token_ids")
+    return list(ids)
+
+
+def bad_words_token_ids(req: _Sampling, prompts: Prompts) -> list[list[int]]:
+    """Each bad word as tokenized alone and after a space (vLLM's two spellings of a word:
+    at the start of the text and inside it)."""
+    out: list[list[int]] = []
+    for word in req.bad_words or []:
+        for spelling in (word.lstrip(), " " + word.lstrip()):
+            ids = prompts.encode(spelling, add_special_tokens=False)
+            if ids and ids not in out:
+                out.append(ids)
     return out
 
 
@@ -237,7 +262,8 @@ def _stream_flags(req: _Sampling) -> tuple[bool, bool]:
         raise bad_request(
             "Stream options can only be defined when `stream=True`.", "stream_options"
         )
-    return opts.include_usage, opts.continuous_usage_stats
+    # vLLM: per-chunk usage only when the final usage chunk is asked for too.
+    return opts.include_usage, opts.include_usage and opts.continuous_usage_stats
 
 
 def _common_checks(req: _Sampling) -> None:
@@ -253,6 +279,8 @@ def _common_checks(req: _Sampling) -> None:
         raise bad_request(
             "prompt_logprobs is not available when stream is enabled", "prompt_logprobs"
         )
+    if req.return_token_ids and req.stream:
+        raise bad_request("return_token_ids is not supported with stream=true", "return_token_ids")
     if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1:
         raise bad_request(
             f"truncate_prompt_tokens must be at least 1 (got {req.truncate_prompt_tokens})",
@@ -281,6 +309,7 @@ def _sampling(
     limits: Limits,
     structured: StructuredOutput | None = None,
     prompt_logprobs: int | None = None,
+    bad_words: list[list[int]] | None = None,
 ) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params = SamplingParams(
@@ -303,6 +332,8 @@ def _sampling(
         logit_bias=_logit_bias(req, limits.vocab_size),
         structured=structured,
         prompt_logprobs=prompt_logprobs,
+        allowed_token_ids=_allowed_token_ids(req, limits.vocab_size),
+        bad_words_token_ids=bad_words or [],
     )
     try:
         params.validate()
@@ -347,9 +378,12 @@ def _request_id(prefix: str, given: str | None) -> str:
     return f"{prefix}-{given}" if given else f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _truncate(ids: list[int], keep: int | None) -> list[int]:
-    """vLLM's truncate_prompt_tokens: keep the last `keep` tokens."""
-    return ids if keep is None or len(ids) <= keep else ids[-keep:]
+def _truncate(ids: list[int], keep: int | None, side: str | None = None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last `keep` tokens (the first ones with
+    truncation_side "right")."""
+    if keep is None or len(ids) <= keep:
+        return ids
+    return ids[:keep] if side == "right" else ids[-keep:]
 
 
 def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
@@ -389,7 +423,7 @@ def prepare_chat(req: ChatCompletionRequest, prompts: Prompts, limits: Limits) -
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
     )
-    ids = _truncate(ids, req.truncate_prompt_tokens)
+    ids = _truncate(ids, req.truncate_prompt_tokens, req.truncation_side)
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -402,7 +436,17 @@ def prepare_chat(req: ChatCompletionRequest, prompts: Prompts, limits: Limits) -
         request_id=_request_id("chatcmpl", req.request_id),
         prompts=[PreparedPrompt(text, ids)],
         n=req.n,
-        sampling=[_sampling(req, max_tokens, logprobs, limits, structured, req.prompt_logprobs)],
+        sampling=[
+            _sampling(
+                req,
+                max_tokens,
+                logprobs,
+                limits,
+                structured,
+                req.prompt_logprobs,
+                bad_words_token_ids(req, prompts),
+            )
+        ],
         stream=req.stream,
         include_usage=include_usage,
         logprobs=logprobs,
@@ -410,6 +454,7 @@ def prepare_chat(req: ChatCompletionRequest, prompts: Prompts, limits: Limits) -
         prompt_logprobs=req.prompt_logprobs,
         continuous_usage=continuous,
         token_ids_as_text=req.return_tokens_as_token_ids,
+        return_token_ids=req.return_token_ids,
         tools=tools,
         reasoning=fmt,
         reasoning_inside=fmt is not None and text.rstrip().endswith(fmt.start),
@@ -447,7 +492,9 @@ def prepare_completion(req: CompletionRequest, prompts: Prompts, limits: Limits)
     items = _completion_prompts(req, prompts)
     if req.truncate_prompt_tokens is not None:
         items = [
-            PreparedPrompt(None, _truncate(i.token_ids, req.truncate_prompt_tokens))
+            PreparedPrompt(
+                None, _truncate(i.token_ids, req.truncate_prompt_tokens, req.truncation_side)
+            )
             if len(i.token_ids) > req.truncate_prompt_tokens
             else i
             for i in items
@@ -462,11 +509,14 @@ def prepare_completion(req: CompletionRequest, prompts: Prompts, limits: Limits)
     if req.echo and req.logprobs is not None:
         prompt_lp = max(prompt_lp or 0, req.logprobs)
     sampling = []
+    bad_words = bad_words_token_ids(req, prompts)
     for item in items:
         max_tokens = _max_tokens(
             req.max_tokens, "max_tokens", len(item.token_ids), limits.max_model_len, default=16
         )
-        sampling.append(_sampling(req, max_tokens, req.logprobs, limits, structured, prompt_lp))
+        sampling.append(
+            _sampling(req, max_tokens, req.logprobs, limits, structured, prompt_lp, bad_words)
+        )
     return Prepared(
         request_id=_request_id("cmpl", req.request_id),
         prompts=items,
@@ -480,4 +530,5 @@ def prepare_completion(req: CompletionRequest, prompts: Prompts, limits: Limits)
         prompt_logprobs=req.prompt_logprobs,
         continuous_usage=continuous,
         token_ids_as_text=req.return_tokens_as_token_ids,
+        return_token_ids=req.return_token_ids,
     )

@@ -27,6 +27,7 @@ class ChoiceState:
     text_len: int = 0
     """Characters emitted so far (text_offset of completions logprobs)."""
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    token_ids: list[int] = field(default_factory=list)
 
     def add(self, out: GenerateOutput) -> None:
         if out.prompt_logprobs is not None:
@@ -34,6 +35,7 @@ class ChoiceState:
         if out.text:
             self.text.append(out.text)
         self.num_tokens += len(out.token_ids)
+        self.token_ids.extend(out.token_ids)
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
         if out.num_prompt_tokens:
@@ -187,6 +189,7 @@ def chat_completion(
                 if called and s.finish_reason == "stop"
                 else s.finish_reason,
                 "stop_reason": s.stop_reason,
+                **({"token_ids": s.token_ids} if prep.return_token_ids else {}),
             }
         )
     body = {
@@ -201,6 +204,8 @@ def chat_completion(
         body["prompt_logprobs"] = prompt_logprobs_body(
             prompts, states[0].prompt_logprobs if states else None, prep.token_ids_as_text
         )
+    if prep.return_token_ids:
+        body["prompt_token_ids"] = prep.prompts[0].token_ids
     return body
 
 
@@ -228,10 +233,15 @@ def text_completion(
             "finish_reason": s.finish_reason,
             "stop_reason": s.stop_reason,
         }
-        if prep.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = prompt_logprobs_body(
-                prompts, s.prompt_logprobs, prep.token_ids_as_text
-            )
+        # vLLM always writes the key (null when not asked for); clients read it.
+        choice["prompt_logprobs"] = (
+            prompt_logprobs_body(prompts, s.prompt_logprobs, prep.token_ids_as_text)
+            if prep.prompt_logprobs is not None
+            else None
+        )
+        if prep.return_token_ids:
+            choice["prompt_token_ids"] = prep.prompts[i // prep.n].token_ids
+            choice["token_ids"] = s.token_ids
         choices.append(choice)
     return {
         "id": prep.request_id,

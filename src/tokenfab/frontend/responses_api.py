@@ -128,6 +128,8 @@ class ResponsesRequest(_Strict):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     seed: int | None = None
 
 
@@ -166,6 +168,10 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
         for t in req.tools or []
     ] or None
     choice: Any = req.tool_choice
+    if tools is None and choice in ("auto", "none"):
+        # The Responses API's default is "auto" whether or not tools are given (clients send
+        # it always); with no tools it asks for nothing.
+        choice = None
     if isinstance(choice, NamedFunctionChoice):
         choice = NamedToolChoice(type="function", function=NamedFunction(name=choice.name))
     return ChatCompletionRequest(
@@ -186,6 +192,8 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
         top_k=req.top_k,
         min_p=req.min_p,
         repetition_penalty=req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
         seed=req.seed,
     )
 

@@ -147,6 +147,8 @@ class _Sampling(_Strict):
     request_id: str | None = None
     priority: int = 0
     truncate_prompt_tokens: int | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    return_token_ids: bool = False
     # Known and refused unless left at their defaults (see requests._unsupported).
     use_beam_search: bool = False
     length_penalty: float = 1.0

@@ -30,12 +30,14 @@ from tokenfab.protocol import (
     KVEventBatch,
     KVSnapshot,
     LoadReport,
+    RemotePrefill,
     RouteRequest,
     RouteResponse,
     SnapshotRequest,
     StatsRequest,
     WorkerInfo,
 )
+from tokenfab.router.disagg import DisaggConfig, should_prefill_remotely
 from tokenfab.router.router import NoWorkerError, RouteDecision, Router, RouterConfig
 from tokenfab.runtime import (
     InstanceInfo,
@@ -67,6 +69,7 @@ class WorkerPool:
         router: RouterConfig | None = None,
         clock: Clock | None = None,
         external_router: bool = False,
+        disagg: DisaggConfig | None = None,
     ) -> None:
         """`external_router`: ask a `tokenfab router` on the runtime instead of the embedded
         router (which still routes when none answers)."""
@@ -83,6 +86,9 @@ class WorkerPool:
         """Workers whose snapshot is on its way (the router's index buffers their events
         meanwhile and replays them on the snapshot)."""
         self.external_router = external_router
+        self.disagg = disagg or DisaggConfig()
+        self.remote_prefills = 0
+        """Requests sent with a remote prefill (disaggregated), total."""
         self._warned_no_router = False
         self.event_lag_s: list[float] = []
         """Recent delays from a worker publishing KV events to the router applying them."""
@@ -223,10 +229,17 @@ class WorkerPool:
         return block_hashes(request.prompt_token_ids, info.block_size, keys)
 
     def route_hashes(
-        self, request_id: str, hashes: list[int], num_tokens: int, exclude: Sequence[str] = ()
+        self,
+        request_id: str,
+        hashes: list[int],
+        num_tokens: int,
+        exclude: Sequence[str] = (),
+        candidates: list[str] | None = None,
     ) -> RouteDecision:
-        """The router's choice among the live workers (minus `exclude`)."""
-        candidates = [w for w in sorted(self._workers) if w not in exclude]
+        """The router's choice among `candidates` (default: the live workers minus
+        `exclude`)."""
+        if candidates is None:
+            candidates = [w for w in sorted(self._workers) if w not in exclude]
         if not candidates:
             raise InstanceUnavailable("no worker is available")
         try:
@@ -265,10 +278,45 @@ class WorkerPool:
             self._warned_no_router = True
         return None
 
+    def _roles(self, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(workers that decode: aggregated and decode roles; prefill workers), live, sorted."""
+        live = [w for w in sorted(self._workers) if w not in exclude and w in self.infos]
+        prefill = [w for w in live if self.infos[w].role == "prefill"]
+        return [w for w in live if w not in prefill], prefill
+
+    def _route_disagg(
+        self, request: GenerateRequest, decoders: list[str], prefillers: list[str]
+    ) -> tuple[str, GenerateRequest]:
+        """Decode worker by load and its own cached prefix; a prefill worker by KV overlap
+        unless `disagg.remote_prefill` says prefilling on the decode worker is better."""
+        rid, n = request.request_id, len(request.prompt_token_ids)
+        hashes = self.hashes(request)
+        decision = self.route_hashes(rid, hashes, n, candidates=decoders)
+        uncached = n - decision.predicted_hit_tokens
+        if not should_prefill_remotely(self.disagg, uncached):
+            return decision.worker_id, request
+        pre = self.route_hashes(f"{rid}#prefill", hashes, n, candidates=prefillers)
+        queued = self.router.worker_load(pre.worker_id).queued_prefill_tokens - n  # minus ours
+        if not should_prefill_remotely(self.disagg, uncached, queued):
+            self.router.on_request_finished(pre.request_id)
+            return decision.worker_id, request
+        hint = RemotePrefill(
+            worker_id=pre.worker_id,
+            min_uncached_tokens=self.disagg.min_uncached_tokens,
+            hold_s=self.disagg.hold_s,
+        )
+        self.remote_prefills += 1
+        return decision.worker_id, msgspec.structs.replace(request, remote_prefill=hint)
+
     async def generate(
         self, request: GenerateRequest, exclude: Sequence[str] = ()
     ) -> ResponseStream[GenerateOutput]:
-        wid, rid = await self._route(request, exclude), request.request_id
+        rid = request.request_id
+        decoders, prefillers = self._roles(exclude)
+        if prefillers and decoders and request.sampling.prompt_logprobs is None:
+            wid, request = self._route_disagg(request, decoders, prefillers)
+        else:
+            wid = await self._route(request, exclude)
         try:
             stream = await self.runtime.call(wid, "generate", request, GenerateOutput)
         except BaseException:
@@ -280,6 +328,7 @@ class WorkerPool:
         def done(s: ResponseStream[GenerateOutput]) -> None:
             active.discard(s)
             self.router.on_request_finished(rid)
+            self.router.on_request_finished(f"{rid}#prefill")
 
         stream.on_done(done)
         return stream
@@ -289,6 +338,7 @@ class WorkerPool:
         queued there."""
         self.actual_hit_tokens += out.num_cached_tokens
         self.router.on_first_token(request.request_id)
+        self.router.on_first_token(f"{request.request_id}#prefill")
 
     def router_metrics(self) -> RouterMetrics:
         lags = sorted(self.event_lag_s)

@@ -20,15 +20,15 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from tokenfab.kv.tiered import TieredKVStore
-from tokenfab.kv.transfer import block_bytes, export_blocks, import_blocks
 
 if TYPE_CHECKING:
-    import torch
-
     from tokenfab.config import EngineConfig
     from tokenfab.engine.core.kv_cache import KVCacheManager
     from tokenfab.engine.core.scheduler import SchedulerOutput
+    from tokenfab.engine.kv_io import KVBlockIO
 
 
 @dataclass(slots=True)
@@ -40,28 +40,34 @@ class OffloadStats:
 
 
 class KVOffloader:
-    def __init__(self, store: TieredKVStore, kv: torch.Tensor, min_reuse: int = 0) -> None:
+    def __init__(self, store: TieredKVStore, io: KVBlockIO, min_reuse: int = 0) -> None:
         self.store = store
-        self.kv = kv
+        self.io = io
+        """The runner's KV pool as bytes (the same block layout disaggregated serving moves)."""
         self.min_reuse = min_reuse
         self.stats = OffloadStats()
 
     def before_step(self, sched: SchedulerOutput, kv_cache: KVCacheManager) -> None:
-        evicted = [e for e in kv_cache.take_evicted() if e.hits >= self.min_reuse]
-        if evicted:
-            # Must precede onboarding: an evicted block may be an onboarding destination.
-            data = export_blocks(self.kv, [e.block_id for e in evicted])
-            self.store.store([e.block_hash for e in evicted], data)
-            self.stats.offloaded_blocks += len(evicted)
+        # Must precede onboarding: an evicted block may be an onboarding destination.
+        self.offload_evicted(kv_cache)
         for ob in sched.onboard:
             result = self.store.load(ob.block_hashes)
             k = result.num_blocks
             if k:
-                import_blocks(self.kv, ob.block_ids[:k], result.data)
+                self.io.write(ob.block_ids[:k], np.ascontiguousarray(result.data).reshape(-1))
                 self.stats.onboarded_blocks += k
             if k < len(ob.block_hashes):
                 self.stats.onboard_shortfall_blocks += len(ob.block_hashes) - k
                 _recompute_from(sched, ob.chunk_index, (ob.first_block + k) * kv_cache.block_size)
+
+    def offload_evicted(self, kv_cache: KVCacheManager) -> None:
+        """Store the admitted blocks evicted since the last call; before anything rewrites
+        them (a step, or blocks imported from another worker into reserved ones)."""
+        evicted = [e for e in kv_cache.take_evicted() if e.hits >= self.min_reuse]
+        if evicted:
+            data = self._export([e.block_id for e in evicted])
+            self.store.store([e.block_hash for e in evicted], data)
+            self.stats.offloaded_blocks += len(evicted)
 
     def after_step(self, kv_cache: KVCacheManager) -> None:
         """Announce tier changes as KV events (before the step's events are flushed)."""
@@ -73,12 +79,17 @@ class KVOffloader:
         then starts with the whole cache, not only what was evicted)."""
         blocks = [(h, b) for h, b in kv_cache.cached_blocks() if self.store.tier_of(h) is None]
         if blocks:
-            data = export_blocks(self.kv, [b for _, b in blocks])
+            data = self._export([b for _, b in blocks])
             self.store.store([h for h, _ in blocks], data)
             self.stats.offloaded_blocks += len(blocks)
 
     def close(self) -> None:
         self.store.close()
+
+    def _export(self, block_ids: list[int]) -> np.ndarray:
+        """[n, block_bytes] uint8 copies of the blocks."""
+        raw = self.io.read(block_ids)
+        return np.frombuffer(raw, dtype=np.uint8).reshape(len(block_ids), self.io.block_bytes)
 
 
 def _recompute_from(sched: SchedulerOutput, chunk_index: int, start: int) -> None:
@@ -98,14 +109,15 @@ def _recompute_from(sched: SchedulerOutput, chunk_index: int, start: int) -> Non
 
 def build_offloader(config: EngineConfig, runner: object) -> KVOffloader | None:
     """The offloader `config` asks for (None when it names no tier below G1)."""
+    from tokenfab.engine.kv_io import KVBlockIO
     from tokenfab.engine.torch_runner import TorchRunner
 
     if not (config.kv_host_gb > 0 or config.kv_disk_dir or config.kv_remote_url):
         return None
     if not isinstance(runner, TorchRunner):
         raise ValueError("KV tiers need the torch runner (its KV tensor holds the bytes)")
-    kv = runner.model_runner.kv
-    nbytes = block_bytes(kv)
+    io = KVBlockIO(runner.model_runner.kv)
+    nbytes = io.block_bytes
     gib = 1 << 30
     host = disk = remote = None
     if config.kv_host_gb > 0:
@@ -126,4 +138,4 @@ def build_offloader(config: EngineConfig, runner: object) -> KVOffloader | None:
             config.kv_remote_url, nbytes, int(config.kv_remote_gb * gib), config.kv_remote_bucket
         )
     store = TieredKVStore(nbytes, host, disk, remote)
-    return KVOffloader(store, kv, config.kv_offload_min_reuse)
+    return KVOffloader(store, io, config.kv_offload_min_reuse)

@@ -105,6 +105,15 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", help="Address to listen on."),
         port: int = typer.Option(8000, help="TCP port (0: any free port)."),
         workers: int = typer.Option(1, min=1, help="Engine workers behind the frontend."),
+        prefill: int = typer.Option(
+            0, "--prefill", min=0, help="Disaggregated: prefill workers (with --decode)."
+        ),
+        decode: int = typer.Option(
+            0, "--decode", min=0, help="Disaggregated: decode workers (with --prefill)."
+        ),
+        disagg_min_uncached: int = typer.Option(
+            256, min=0, help="Disaggregated: prompts missing fewer tokens prefill on decode."
+        ),
         max_model_len: int = typer.Option(None, help="Context length cap (default: the model's)."),
         kv_blocks: int = typer.Option(
             None, help="KV-cache blocks per worker (default: sized from --kv-cache-gb)."
@@ -152,6 +161,9 @@ def register(app: typer.Typer) -> None:
             port=port,
             api_key=api_key or None,
             workers=workers,
+            prefill_workers=prefill,
+            decode_workers=decode,
+            disagg_min_uncached_tokens=disagg_min_uncached,
             served_model_name=served_model_name,
             engine_processes=not in_process,
             default_max_tokens=default_max_tokens or None,
@@ -165,6 +177,11 @@ def register(app: typer.Typer) -> None:
         namespace: str = typer.Option("default", help="Runtime namespace (one deployment)."),
         worker_id: str = typer.Option(None, help="Instance id (default: worker-HOST-PID)."),
         workers: int = typer.Option(1, min=1, help="Engines in this process."),
+        role: str = typer.Option(
+            "aggregated",
+            help="aggregated (prefill and decode) | prefill (computes prompts, serves their KV "
+            "blocks) | decode (pulls prompts' KV from prefill workers, decodes).",
+        ),
         model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
         max_model_len: int = typer.Option(None, help="Context length cap (default: the model's)."),
         kv_blocks: int = typer.Option(None, help="KV-cache blocks per engine."),
@@ -183,9 +200,11 @@ def register(app: typer.Typer) -> None:
         """Run engine worker(s) on a shared runtime (no HTTP); `tokenfab frontend` serves them."""
         from tokenfab.worker.launch import run_worker
 
+        if role not in ("aggregated", "prefill", "decode"):
+            raise typer.BadParameter(f"unknown role {role!r}", param_hint="--role")
         engine = _engine_config(**locals())
         _logging(log_level)
-        _run(run_worker(engine, runtime, namespace, worker_id, workers))
+        _run(run_worker(engine, runtime, namespace, worker_id, workers, role=role))  # type: ignore[arg-type]
 
     @app.command("frontend")
     def frontend(

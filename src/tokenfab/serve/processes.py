@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import msgspec
 
 from tokenfab.config import EngineConfig
+from tokenfab.protocol import WorkerRole
 from tokenfab.runtime.nats_server import NatsServer, nats_server_binary
 from tokenfab.worker.child import ChildSpec, die_with_parent, libc_prctl
 
@@ -77,11 +78,17 @@ class EngineProcesses:
         max_restarts: int = 5,
         restart_delay_s: float = 1.0,
         stable_s: float = 60.0,
+        roles: list[WorkerRole] | None = None,
     ) -> None:
+        """`roles`: one per engine (default: all aggregated); ids are `<role>-<i>` for
+        prefill/decode workers."""
         if count < 1:
             raise ValueError(f"need at least one engine process (got {count})")
         self.engine = engine
         self.count = count
+        self.roles: list[WorkerRole] = roles or ["aggregated"] * count
+        if len(self.roles) != count:
+            raise ValueError(f"{len(self.roles)} roles for {count} engine processes")
         self.log_level = log_level
         self.on_exit = on_exit
         self.max_restarts = max_restarts
@@ -99,7 +106,10 @@ class EngineProcesses:
         return self.nats.url
 
     def worker_ids(self) -> list[str]:
-        return [f"worker-{i}" for i in range(self.count)]
+        return [
+            f"worker-{i}" if role == "aggregated" else f"{role}-{i}"
+            for i, role in enumerate(self.roles)
+        ]
 
     async def start(self) -> None:
         if not available():
@@ -113,7 +123,7 @@ class EngineProcesses:
         self.nats = NatsServer(preexec_fn=lambda: die_with_parent(prctl), new_session=True)
         self.nats.start()
         pinned = cpu_sets(self.count, sorted(os.sched_getaffinity(0)))
-        for wid, cpus in zip(self.worker_ids(), pinned, strict=True):
+        for wid, cpus, role in zip(self.worker_ids(), pinned, self.roles, strict=True):
             spec = ChildSpec(
                 runtime_url=self.url,
                 namespace=self.namespace,
@@ -123,6 +133,7 @@ class EngineProcesses:
                 log_level=self.log_level,
                 cpus=cpus,
                 switch_interval_s=sys.getswitchinterval(),
+                role=role,
             )
             self.children[wid] = _Child(spec, await self._spawn(spec), started=_now())
         loop = asyncio.get_running_loop()

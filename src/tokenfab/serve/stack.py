@@ -14,6 +14,8 @@ from typing import Any
 from tokenfab.config import EngineConfig, ServerConfig
 from tokenfab.frontend.app import FrontendState, build_app
 from tokenfab.frontend.workers import WorkerPool
+from tokenfab.kv.transfer import LocalDataPlane
+from tokenfab.router.disagg import DisaggConfig
 from tokenfab.router.router import RouterConfig
 from tokenfab.runtime import Runtime
 from tokenfab.serve.processes import EngineProcesses
@@ -34,6 +36,7 @@ class ServingStack:
     def __init__(self, engine: EngineConfig, server: ServerConfig, log_level: str = "info") -> None:
         if server.workers < 1:
             raise ValueError(f"workers must be at least 1 (got {server.workers})")
+        server.roles()  # raises on a half-disaggregated layout
         self.engine_config = engine
         self.server_config = server
         self.log_level = log_level
@@ -64,9 +67,14 @@ class ServingStack:
 
     async def _start_in_process(self) -> None:
         self.runtime = Runtime.local()
-        self.pool = WorkerPool(self.runtime, router_config(self.server_config))
+        self.pool = pool_for(self.runtime, self.server_config)
+        roles = self.server_config.roles()
         self.engines, self.workers = await start_engines(
-            self.runtime, self.engine_config, self.server_config.workers
+            self.runtime,
+            self.engine_config,
+            len(roles),
+            roles=roles,
+            data_plane=LocalDataPlane(),
         )
         await self.pool.start()
         first = self.engines[0]
@@ -81,16 +89,18 @@ class ServingStack:
         )
 
     async def _start_processes(self) -> None:
+        roles = self.server_config.roles()
         processes = EngineProcesses(
             self.engine_config,
-            self.server_config.workers,
+            len(roles),
             log_level=self.log_level,
             on_exit=self._engine_exited,
+            roles=roles,
         )
         self.processes = processes
         await processes.start()
         self.runtime = await Runtime.connect(processes.url, processes.namespace)
-        self.pool = WorkerPool(self.runtime, router_config(self.server_config))
+        self.pool = pool_for(self.runtime, self.server_config)
         await self.pool.start()
         pool = self.pool
         await processes.wait_ready(
@@ -118,16 +128,27 @@ class ServingStack:
         state = self.app.state.tokenfab
         assert self.pool is not None
         info = self.pool.first_info
+        r = self.server_config.roles()
         where = "own process each" if self.processes is not None else "in this process"
         pool = f"{info.kv_blocks_total} KV blocks of {info.block_size}" if info else "? KV blocks"
         return (
             f"model {state.model_name} ({info.model_path if info else '?'}), "
-            f"{self.server_config.workers} engine worker(s) ({where}, "
+            f"{' + '.join(f'{r.count(x)} {x}' for x in dict.fromkeys(r))} engine worker(s) ({where}, "
             f"{self.server_config.router_policy} routing), "
             f"max_model_len {state.max_model_len}, "
             f"{pool} "
             "tokens per worker"
         )
+
+
+def pool_for(runtime: Runtime, server: ServerConfig, external_router: bool = False) -> WorkerPool:
+    disagg = DisaggConfig(
+        min_uncached_tokens=server.disagg_min_uncached_tokens,
+        max_prefill_queue_tokens=server.disagg_max_prefill_queue_tokens,
+    )
+    return WorkerPool(
+        runtime, router_config(server), external_router=external_router, disagg=disagg
+    )
 
 
 def router_config(server: ServerConfig) -> RouterConfig:
@@ -174,7 +195,7 @@ async def build_remote_frontend(
     runtime: Runtime, server: ServerConfig, tokenizer: str | None, wait_s: float
 ) -> tuple[Any, WorkerPool]:
     """A frontend for the workers found on a shared runtime (waits for the first one)."""
-    pool = WorkerPool(runtime, router_config(server), external_router=server.external_router)
+    pool = pool_for(runtime, server, external_router=server.external_router)
     await pool.start()
     if not pool.workers:
         log.info("waiting up to %.0fs for a worker to register...", wait_s)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from tokenfab.engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from tokenfab.kv.transfer import KVDataServer, KVTransferClient, LocalDataPlane
 from tokenfab.protocol import (
     KV_EVENTS_TOPIC,
     LOAD_TOPIC,
@@ -36,6 +37,8 @@ from tokenfab.protocol import (
     KVEventBatch,
     KVSnapshot,
     LoadReport,
+    PrefillRequest,
+    PrefillResponse,
     RoleChange,
     RoleChangeStatus,
     SnapshotRequest,
@@ -44,6 +47,7 @@ from tokenfab.protocol import (
     WorkerRole,
 )
 from tokenfab.runtime import Registration, RemoteError, RequestContext, Runtime
+from tokenfab.worker.disagg import EngineBlockSource, decode_remote, prefill
 from tokenfab.worker.kv_events import KVEventForwarder
 
 MIN_LOAD_GAP_S = 0.05
@@ -71,6 +75,9 @@ class AggregatedWorker:
         role: WorkerRole = "aggregated",
         load_interval: float = 0.5,
         lease_ttl: float = 2.5,
+        data_plane: LocalDataPlane | None = None,
+        data_host: str = "127.0.0.1",
+        data_advertise: str | None = None,
     ) -> None:
         """`engine` is a started AsyncEngine; `kv_events` the sink it was built with. The lease
         is short so a worker killed without a goodbye leaves discovery within ~3 s (its
@@ -86,6 +93,15 @@ class AggregatedWorker:
         self._lease_ttl = lease_ttl
         self._registration: Registration | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # KV data plane: in-process copies when given a LocalDataPlane, else TCP. Every role
+        # serves one, so a role can change at runtime without restarting (planner).
+        self._local_plane = data_plane
+        self._data_host = data_host
+        self._data_advertise = data_advertise
+        self._data_server: KVDataServer | None = None
+        self.data_address = ""
+        self.blocks: EngineBlockSource | None = None
+        self.transfers = KVTransferClient(data_plane)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -103,9 +119,23 @@ class AggregatedWorker:
             role=self.role,
             kv_blocks_total=engine.kv.num_blocks,
             max_num_seqs=cfg.max_num_seqs,
+            data_address=self.data_address,
         )
 
+    async def _start_data_plane(self) -> None:
+        self.blocks = EngineBlockSource(self.engine)
+        if self._local_plane is not None:
+            self.data_address = self._local_plane.register(self.worker_id, self.blocks)
+        else:
+            self._data_server = KVDataServer(
+                self.blocks, self._data_host, advertise=self._data_advertise
+            )
+            await self._data_server.start()
+            self.data_address = self._data_server.address
+        self._tasks.append(asyncio.get_running_loop().create_task(self.blocks.reap()))
+
     async def start(self) -> None:
+        await self._start_data_plane()
         self._registration = await self.runtime.register(
             WORKER_COMPONENT,
             self.worker_id,
@@ -115,6 +145,7 @@ class AggregatedWorker:
                 "generate": (GenerateRequest, self._generate),
                 "stats": (StatsRequest, self._stats),
                 "kv_snapshot": (SnapshotRequest, self._snapshot),
+                "prefill": (PrefillRequest, self._prefill),
                 SET_ROLE_ENDPOINT: (RoleChange, self._set_role),
             },
         )
@@ -135,7 +166,12 @@ class AggregatedWorker:
         self._in_flight += 1
         self._idle.clear()
         try:
-            async with contextlib.aclosing(self.engine.generate(request)) as outputs:
+            outs = (
+                self.engine.generate(request)
+                if request.remote_prefill is None
+                else decode_remote(self.engine, self.runtime, self.transfers, request)
+            )
+            async with contextlib.aclosing(outs) as outputs:
                 async for out in outputs:
                     finished = out.finish_reason is not None
                     if first or finished:  # its prefill is done, or its blocks are freed
@@ -156,6 +192,19 @@ class AggregatedWorker:
                 # The caller went away (or we failed): free the request's KV blocks now.
                 with contextlib.suppress(Exception):
                     await self.engine.abort(request.request_id)
+
+    async def _prefill(
+        self, request: PrefillRequest, ctx: RequestContext
+    ) -> AsyncIterator[PrefillResponse]:
+        assert self.blocks is not None
+        try:
+            yield await prefill(self.engine, self.blocks, self.data_address, request)
+        except InvalidRequestError as e:
+            raise RemoteError("invalid_request", str(e)) from None
+        except QueueFullError as e:
+            raise RemoteError("queue_full", str(e)) from None
+        except EngineDeadError as e:
+            raise RemoteError("unavailable", str(e)) from None
 
     async def _set_role(
         self, request: RoleChange, ctx: RequestContext
@@ -241,6 +290,11 @@ class AggregatedWorker:
         self._tasks = []
         if self._kv_events is not None:
             self._kv_events.unbind()
+        if self._data_server is not None:
+            await self._data_server.close()
+            self._data_server = None
+        if self._local_plane is not None and self.data_address:
+            self._local_plane.unregister(self.data_address)
         if self._registration is not None:
             await self._registration.close()
             self._registration = None

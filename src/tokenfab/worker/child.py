@@ -18,6 +18,7 @@ from collections.abc import Callable
 import msgspec
 
 from tokenfab.config import EngineConfig
+from tokenfab.protocol import WorkerRole
 
 _PR_SET_PDEATHSIG = 1
 
@@ -47,6 +48,7 @@ class ChildSpec(msgspec.Struct, frozen=True):
     cpus: list[int] | None = None
     """CPU affinity of this engine process; None: every CPU of the parent."""
     switch_interval_s: float = 1e-4
+    role: WorkerRole = "aggregated"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec.namespace,
                 spec.worker_id,
                 parent_pid=spec.parent_pid,
+                role=spec.role,
             )
         )
     except KeyboardInterrupt:

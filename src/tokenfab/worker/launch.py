@@ -15,6 +15,8 @@ import socket
 from typing import Any
 
 from tokenfab.config import EngineConfig
+from tokenfab.kv.transfer import LocalDataPlane
+from tokenfab.protocol import WorkerRole
 from tokenfab.runtime import Runtime
 from tokenfab.worker.aggregated import AggregatedWorker
 from tokenfab.worker.kv_events import KVEventForwarder
@@ -23,9 +25,15 @@ log = logging.getLogger("tokenfab.worker")
 
 
 async def start_engines(
-    runtime: Runtime, engine: EngineConfig, count: int, id_prefix: str = "worker"
+    runtime: Runtime,
+    engine: EngineConfig,
+    count: int,
+    id_prefix: str = "worker",
+    roles: list[WorkerRole] | None = None,
+    data_plane: LocalDataPlane | None = None,
 ) -> tuple[list[Any], list[AggregatedWorker]]:
-    """Load the model once and start `count` engines, each behind an aggregated worker."""
+    """Load the model once and start `count` engines, each behind a worker in its role
+    (`roles[i]`, default aggregated); with `data_plane`, KV moves between them are copies."""
     from tokenfab.engine.engine import AsyncEngine
     from tokenfab.engine.model.loader import load_model
     from tokenfab.engine.threads import in_fresh_thread
@@ -40,7 +48,10 @@ async def start_engines(
             await eng.start()
             engines.append(eng)
             worker_id = f"{id_prefix}-{i}" if count > 1 or id_prefix == "worker" else id_prefix
-            worker = AggregatedWorker(eng, runtime, sink, worker_id=worker_id)
+            role: WorkerRole = roles[i] if roles else "aggregated"
+            worker = AggregatedWorker(
+                eng, runtime, sink, worker_id=worker_id, role=role, data_plane=data_plane
+            )
             await worker.start()
             workers.append(worker)
     except BaseException:
@@ -85,6 +96,7 @@ async def run_worker(
     worker_id: str | None = None,
     count: int = 1,
     parent_pid: int | None = None,
+    role: WorkerRole = "aggregated",
 ) -> None:
     """Engines registered on a shared runtime, until SIGINT/SIGTERM (or the parent's death)."""
     runtime = await Runtime.connect(runtime_url, namespace)
@@ -92,7 +104,7 @@ async def run_worker(
     workers: list[AggregatedWorker] = []
     try:
         engines, workers = await start_engines(
-            runtime, engine, count, worker_id or default_worker_prefix()
+            runtime, engine, count, worker_id or default_worker_prefix(), roles=[role] * count
         )
         ids = ", ".join(w.worker_id for w in workers)
         log.info("worker(s) %s serving %s on %s", ids, engines[0].model_name, runtime_url)

@@ -276,6 +276,82 @@ class KVCacheManager:
         self._emit(AllBlocksCleared(event_id=self._event_id()))
         return True
 
+    # ------------------------------------------------------------------ moving blocks
+
+    def cached_prefix_length(self, block_hashes: list[int]) -> int:
+        """How many leading blocks of this chain are cached here (in use or free)."""
+        n = 0
+        for h in block_hashes:
+            if h not in self._cached:
+                break
+            n += 1
+        return n
+
+    def hold(self, block_hashes: list[int]) -> list[int]:
+        """Take a reference on the cached blocks of the chain's longest cached prefix, so they
+        are neither evicted nor rewritten until `unhold`: what a prefill worker keeps for the
+        decode worker that pulls them. Returns their block ids, in chain order."""
+        ids: list[int] = []
+        for h in block_hashes:
+            block_id = self._cached.get(h)
+            if block_id is None:
+                break
+            block = self._blocks[block_id]
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+            ids.append(block_id)
+        return ids
+
+    def unhold(self, block_ids: list[int]) -> None:
+        """Drop the references `hold` (or `reserve`) took; deepest block first, as `free`."""
+        for block_id in reversed(block_ids):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                if block.block_hash is None:
+                    self._free.move_to_end(block_id, last=False)
+
+    def reserve(self, count: int) -> list[int]:
+        """Take up to `count` free blocks (evicting cached ones, LRU first) for blocks arriving
+        from another worker; each holds one reference until `adopt` or `unhold`."""
+        count = min(count, len(self._free))
+        return [self._take_free_block() for _ in range(count)]
+
+    def adopt(
+        self,
+        block_ids: list[int],
+        block_hashes: list[int],
+        parent_hash: int | None,
+        token_ids: list[int],
+        lora_name: str | None = None,
+    ) -> None:
+        """Register reserved blocks (their K/V now written) as the cached chain
+        `block_hashes`, continuing `parent_hash`, and release them to the free queue: a
+        request admitted next finds them as its cached prefix. Emits one BlockStored."""
+        if len(block_ids) != len(block_hashes):
+            raise ValueError(f"{len(block_ids)} blocks for {len(block_hashes)} hashes")
+        stored: list[int] = []
+        for block_id, h in zip(block_ids, block_hashes, strict=True):
+            if h in self._cached:
+                break  # raced with a local computation: the chain continues from its copy
+            self._blocks[block_id].block_hash = h
+            self._cached[h] = block_id
+            stored.append(h)
+        if stored:
+            self._emit(
+                BlockStored(
+                    event_id=self._event_id(),
+                    block_hashes=stored,
+                    parent_hash=parent_hash,
+                    token_ids=token_ids[: len(stored) * self.block_size],
+                    block_size=self.block_size,
+                    lora_name=lora_name,
+                )
+            )
+        self.unhold(block_ids)
+
     # ------------------------------------------------------------------ events
 
     def emit_tier_events(self, tier: KVTier, stored: list[int], removed: list[int]) -> None:

@@ -140,6 +140,12 @@ class EngineCore:
                 f"logit_bias token ids {bad_bias} are outside the vocabulary "
                 f"(size {self.vocab_size})"
             )
+        bad_allowed = [t for t in p.allowed_token_ids if t >= self.vocab_size]
+        if bad_allowed:
+            raise InvalidRequestError(
+                f"allowed_token_ids {bad_allowed} are outside the vocabulary "
+                f"(size {self.vocab_size})"
+            )
         self.runner.validate(p)
         need = n + (p.max_tokens or 1)
         if need > self.max_model_len:

@@ -30,6 +30,10 @@ class Offloader(Protocol):
         (widening a chunk to recompute what failed to load)."""
         ...
 
+    def offload_evicted(self, kv_cache: KVCacheManager) -> None:
+        """Write back the blocks evicted since the last call, before they are rewritten."""
+        ...
+
     def after_step(self, kv_cache: KVCacheManager) -> None:
         """Turn what entered or left each tier into KV events (before they are flushed)."""
         ...
