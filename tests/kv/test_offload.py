@@ -195,3 +195,31 @@ def test_scheduler_plans_onboarding_and_the_cache_records_evictions() -> None:
     evicted = kv.take_evicted()
     assert {e.block_hash for e in evicted} == set(seq.block_hashes)
     assert kv.take_evicted() == []
+
+
+def test_blocks_evicted_by_an_import_reach_the_tiers_intact(loaded: Any) -> None:
+    """Disaggregated import reserves free blocks, evicting cached ones: their bytes go to the
+    tiers before the imported bytes overwrite them."""
+    import numpy as np
+
+    from tokenfab.kv.hashing import block_hashes
+
+    eng = engine(loaded, kv_host_gb=0.01, kv_host_name=host_name("import"))
+    assert eng.offload is not None
+    prompt = prompts()[0]
+    run_each(eng, [prompt])
+    hashes = block_hashes(prompt, BS)
+    ids = eng.kv.hold(hashes)
+    originals = {h: bytes(eng.block_io.read([b])) for h, b in zip(hashes, ids, strict=True)}
+    eng.kv.unhold(ids)
+    n = eng.kv.num_blocks
+    fake = [(1 << 60) + i for i in range(n)]
+    data = np.full(n * eng.block_io.block_bytes, 0xAB, dtype=np.uint8)
+    assert eng.import_blocks(fake, memoryview(data), None, [1] * (n * BS)) >= len(hashes)
+    evicted = [h for h in hashes if eng.kv.cached_prefix_length([h]) == 0]
+    assert evicted, "the import evicted none of the prompt's blocks"
+    for h in evicted:
+        got = eng.offload.store.load([h])
+        assert got.num_blocks == 1, h
+        assert bytes(got.data[0]) == originals[h]
+    eng.close()
