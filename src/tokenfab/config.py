@@ -51,6 +51,23 @@ class EngineConfig:
 
 
 @dataclass
+class EmbeddedPlanner:
+    """`tokenfab serve --planner`: the planner run beside the serving stack, moving the
+    deployment's own workers between the prefill and decode roles."""
+
+    ttft_ms: float = 1000.0
+    itl_ms: float = 100.0
+    prefill_tps: float = 1000.0
+    """Measured prompt tokens/s one worker computes (refined from load reports)."""
+    decode_tps: float = 100.0
+    """Measured output tokens/s one worker decodes."""
+    budget: int | None = None
+    """Most workers in all (default: the deployment's)."""
+    interval_s: float = 10.0
+    cooldown_s: float = 30.0
+
+
+@dataclass
 class ServerConfig:
     def roles(self) -> list[WorkerRole]:
         """Each engine worker's role, in start order."""
@@ -94,3 +111,5 @@ class ServerConfig:
     """A prefill worker queued deeper than this is skipped (the decode worker prefills)."""
     external_router: bool = False
     """Ask a standalone `tokenfab router` on the runtime (routing here when none answers)."""
+    planner: EmbeddedPlanner | None = None
+    """Run the planner in the server (disaggregated deployments), None: no planner."""

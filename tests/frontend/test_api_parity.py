@@ -493,3 +493,32 @@ def test_bad_words_are_never_generated(client: openai.OpenAI, server) -> None:
         ids = tok.encode(spelling, add_special_tokens=False)
         if len(ids) == 1:
             assert ids[0] not in got, (spelling, got)
+
+
+# ------------------------------------------------------------------ beam search
+def test_beam_search_returns_distinct_beams_per_prompt(client: openai.OpenAI, server) -> None:
+    # The tiny model's tokens are bytes that often decode alike: compare token ids.
+    body = {"use_beam_search": True, "ignore_eos": True, "return_token_ids": True}
+    prompts = ["Hello, my name is"] * 2
+    r = client.completions.create(
+        model=server.model, prompt=prompts, n=2, max_tokens=5, temperature=0.0, extra_body=body
+    )
+    beams = [c.model_extra["token_ids"] for c in r.choices]
+    assert len(beams) == 4 and all(len(b) == 5 for b in beams)
+    assert beams[0] != beams[1], "two beams of one prompt must differ"
+    assert beams[:2] == beams[2:], "the same prompt gives the same beams"
+    assert all(c.finish_reason == "length" for c in r.choices)
+    assert r.usage.completion_tokens == 4 * 5
+    again = client.completions.create(
+        model=server.model, prompt=prompts[0], n=2, max_tokens=5, temperature=0.0, extra_body=body
+    )
+    assert [c.model_extra["token_ids"] for c in again.choices] == beams[:2]
+
+
+def test_beam_search_refuses_streaming(server) -> None:
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"prompt": "x", "n": 2, "use_beam_search": True, "stream": True},
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
+from tokenfab.frontend import beam
 from tokenfab.frontend.chat_deltas import ChatDeltas
 from tokenfab.frontend.errors import APIError, bad_request, error_body, install_error_handlers
 from tokenfab.frontend.fanout import Fanout
@@ -49,7 +50,7 @@ from tokenfab.frontend.responses import (
 from tokenfab.frontend.responses_api import ResponseEvents, ResponsesRequest, response_body, to_chat
 from tokenfab.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from tokenfab.frontend.workers import WorkerPool
-from tokenfab.protocol import GenerateOutput
+from tokenfab.protocol import GenerateOutput, GenerateRequest
 from tokenfab.runtime import RemoteError
 
 M = TypeVar("M", bound=BaseModel)
@@ -227,6 +228,8 @@ def build_app(state: FrontendState) -> FastAPI:
     async def run(
         request: Request, prep: Prepared, kind: str, resp_req: ResponsesRequest | None = None
     ) -> Response:
+        if prep.beam_width:
+            return await _beam_search(request, prep)
         arrival = time.monotonic()
         fanout = Fanout(state.pool, prep.build(), metrics, arrival)
         try:
@@ -271,6 +274,57 @@ def build_app(state: FrontendState) -> FastAPI:
             return JSONResponse(response_body(resp_req, prep, state.model_name, states))
         build = chat_completion if kind == "chat" else text_completion
         return JSONResponse(build(prep, state.model_name, prompts, states))
+
+    async def _run_one_token(requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        fanout = Fanout(state.pool, requests, metrics, time.monotonic())
+        try:
+            got = await fanout.start()
+            async for i, out in fanout.rest():
+                if out.error is not None or (out.logprobs and not got[i].logprobs):
+                    got[i] = out
+            return got
+        finally:
+            fanout.cancel()
+
+    async def _beam_search(request: Request, prep: Prepared) -> Response:
+        tokenizer = prompts.tokenizer
+        eos = prompts.eos_token_id
+
+        async def search_all() -> list[ChoiceState]:
+            states = []
+            for p, (prompt, params) in enumerate(zip(prep.prompts, prep.sampling, strict=True)):
+                eos_ids = frozenset() if params.ignore_eos or eos is None else frozenset([eos])
+                beams = await beam.search(
+                    _run_one_token,
+                    f"{prep.request_id}-{p}",
+                    prompt.token_ids,
+                    params,
+                    prep.beam_width,
+                    eos_ids,
+                    prep.cache_salt,
+                )
+                beams += beams[-1:] * (prep.n - len(beams))  # a vocabulary narrower than n
+                states += [_beam_state(b, len(prompt.token_ids), eos_ids) for b in beams]
+            return states
+
+        def _beam_state(b: beam.Beam, num_prompt: int, eos_ids: frozenset[int]) -> ChoiceState:
+            text_ids = [t for t in b.tokens if t not in eos_ids]
+            return ChoiceState(
+                text=[tokenizer.decode(text_ids, skip_special_tokens=True)],
+                num_tokens=len(b.tokens),
+                finish_reason="stop" if b.finished else "length",
+                num_prompt_tokens=num_prompt,
+                token_ids=list(b.tokens),
+            )
+
+        try:
+            states = await _unless_disconnected(request, search_all)
+        except RemoteError as e:
+            raise remote_to_api(e, state.retry_after_s) from None
+        except ClientDisconnected:
+            return Response(status_code=499)
+        metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in prep.prompts))
+        return JSONResponse(text_completion(prep, state.model_name, prompts, states))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

@@ -55,6 +55,7 @@ class Prompts:
         self.template_knows_tools = bool(own) and "tools" in (own or "")
         self.reasoning: ReasoningFormat | None = reasoning_format(tokenizer)
         self.vocab_size = len(tokenizer)
+        self.eos_token_id: int | None = tokenizer.eos_token_id
 
     def chat(
         self,

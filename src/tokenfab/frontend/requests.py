@@ -14,6 +14,7 @@ import llguidance
 import msgspec
 
 from tokenfab.engine.structured import GrammarError, grammar_text
+from tokenfab.frontend.beam import MAX_WIDTH as MAX_BEAM_WIDTH
 from tokenfab.frontend.errors import APIError, bad_request
 from tokenfab.frontend.prompts import Prompts
 from tokenfab.frontend.reasoning import ReasoningFormat
@@ -75,6 +76,9 @@ class Prepared:
     reasoning_inside: bool = False
     """The prompt opened the reasoning block (the text starts inside it)."""
 
+    beam_width: int = 0
+    """use_beam_search: the number of beams (= n); 0 for sampling."""
+
     def build(self) -> list[GenerateRequest]:
         """prompt-major, choice-minor: choice index = prompt_index * n + i."""
         out = []
@@ -111,7 +115,6 @@ _UNSUPPORTED_IF_SET = (
     "documents", "chat_template", "mm_processor_kwargs", "suffix",
 )  # fmt: skip
 _UNSUPPORTED_UNLESS = {
-    "use_beam_search": False,
     "length_penalty": 1.0,
     "spaces_between_special_tokens": True,
     "priority": 0,
@@ -397,8 +400,33 @@ def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
+def _beam_width(req: CompletionRequest) -> int:
+    """n when the request asks for beam search (its width), else 0; 400s for what beam search
+    cannot combine with."""
+    if not req.use_beam_search:
+        return 0
+    conflicts = {
+        "stream": req.stream,
+        "logprobs": req.logprobs is not None,
+        "echo": req.echo,
+        "response_format": req.response_format is not None,
+        "prompt_logprobs": req.prompt_logprobs is not None,
+    }
+    for name, conflict in conflicts.items():
+        if conflict:
+            raise bad_request(f"{name} is not supported with use_beam_search", name)
+    if req.n > MAX_BEAM_WIDTH:
+        raise bad_request(
+            f"use_beam_search: n (the beam width) must be at most {MAX_BEAM_WIDTH} (got {req.n})",
+            "n",
+        )
+    return req.n
+
+
 def prepare_chat(req: ChatCompletionRequest, prompts: Prompts, limits: Limits) -> Prepared:
     _common_checks(req)
+    if req.use_beam_search:
+        raise bad_request("use_beam_search is supported on /v1/completions only", "use_beam_search")
     if req.echo:
         raise bad_request("echo is not supported for chat completions", "echo")
     include_usage, continuous = _stream_flags(req)
@@ -531,4 +559,5 @@ def prepare_completion(req: CompletionRequest, prompts: Prompts, limits: Limits)
         continuous_usage=continuous,
         token_ids_as_text=req.return_tokens_as_token_ids,
         return_token_ids=req.return_token_ids,
+        beam_width=_beam_width(req),
     )

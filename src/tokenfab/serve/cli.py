@@ -147,11 +147,28 @@ def register(app: typer.Typer) -> None:
         router: str = ROUTER_OPTION,
         overlap_weight: float = OVERLAP_WEIGHT_OPTION,
         router_temperature: float = ROUTER_TEMPERATURE_OPTION,
+        planner: bool = typer.Option(
+            False,
+            "--planner",
+            help="Run the planner here: it moves these workers between the prefill and "
+            "decode roles as traffic shifts (with --prefill/--decode).",
+        ),
+        ttft_ms: float = typer.Option(1000.0, help="Planner: time-to-first-token target, ms."),
+        itl_ms: float = typer.Option(100.0, help="Planner: inter-token latency target, ms."),
+        budget: int = typer.Option(None, help="Planner: most workers (default: all started)."),
+        prefill_tps: float = typer.Option(
+            1000.0, help="Planner: prompt tokens/s one worker computes (measured)."
+        ),
+        decode_tps: float = typer.Option(
+            100.0, help="Planner: output tokens/s one worker decodes (measured)."
+        ),
+        planner_interval: float = typer.Option(10.0, help="Planner: seconds between steps."),
+        planner_cooldown: float = typer.Option(30.0, help="Planner: seconds between moves."),
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health,
         /metrics) with N engine workers, each in its own process."""
-        from tokenfab.config import ServerConfig
+        from tokenfab.config import EmbeddedPlanner, ServerConfig
         from tokenfab.serve.server import serve as run
 
         engine = _engine_config(**locals())
@@ -167,6 +184,17 @@ def register(app: typer.Typer) -> None:
             served_model_name=served_model_name,
             engine_processes=not in_process,
             default_max_tokens=default_max_tokens or None,
+            planner=EmbeddedPlanner(
+                ttft_ms=ttft_ms,
+                itl_ms=itl_ms,
+                prefill_tps=prefill_tps,
+                decode_tps=decode_tps,
+                budget=budget,
+                interval_s=planner_interval,
+                cooldown_s=planner_cooldown,
+            )
+            if planner
+            else None,
             **_router_options(router, overlap_weight, router_temperature),
         )
         _run(run(engine, server, log_level=log_level.lower()), host, port)

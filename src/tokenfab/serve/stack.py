@@ -11,10 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tokenfab.config import EngineConfig, ServerConfig
+from tokenfab.config import EmbeddedPlanner, EngineConfig, ServerConfig
 from tokenfab.frontend.app import FrontendState, build_app
 from tokenfab.frontend.workers import WorkerPool
 from tokenfab.kv.transfer import LocalDataPlane
+from tokenfab.planner import Capacity, PlannerConfig
+from tokenfab.planner.service import PlannerService
 from tokenfab.router.disagg import DisaggConfig
 from tokenfab.router.router import RouterConfig
 from tokenfab.runtime import Runtime
@@ -47,6 +49,7 @@ class ServingStack:
         self.processes: EngineProcesses | None = None
         self.pool: WorkerPool | None = None
         self.app: Any = None
+        self.planner: PlannerService | None = None
 
     async def start(self) -> None:
         try:
@@ -61,6 +64,8 @@ class ServingStack:
                 await self._start_processes()
             else:
                 await self._start_in_process()
+            if self.server_config.planner is not None:
+                await self._start_planner(self.server_config.planner)
         except BaseException:
             await self.stop()
             raise
@@ -108,11 +113,30 @@ class ServingStack:
         )
         self.app = await remote_frontend_app(pool, self.server_config, None)
 
+    async def _start_planner(self, options: EmbeddedPlanner) -> None:
+        """The planner on the stack's runtime, moving the deployment's own workers (it cannot
+        start or stop any: a fixed fleet)."""
+        assert self.runtime is not None
+        config = PlannerConfig(
+            ttft_ms=options.ttft_ms,
+            itl_ms=options.itl_ms,
+            budget=options.budget or len(self.server_config.roles()),
+            interval_s=options.interval_s,
+            cooldown_s=options.cooldown_s,
+            fixed_fleet=True,
+        )
+        capacity = Capacity(options.prefill_tps, options.decode_tps, source="given")
+        self.planner = PlannerService(self.runtime, config, capacity)
+        await self.planner.start()
+
     def _engine_exited(self, worker_id: str, code: int) -> None:
         if self.pool is not None:
             self.pool.forget(worker_id, f"(engine process) exited with code {code}")
 
     async def stop(self) -> None:
+        if self.planner is not None:
+            await self.planner.close()
+            self.planner = None
         if self.pool is not None:
             await self.pool.close()
         await stop_engines(self.engines, self.workers)

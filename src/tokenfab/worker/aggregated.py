@@ -197,6 +197,12 @@ class AggregatedWorker:
         self, request: PrefillRequest, ctx: RequestContext
     ) -> AsyncIterator[PrefillResponse]:
         assert self.blocks is not None
+        if self.draining:  # the decode worker prefills locally on "unavailable"
+            raise RemoteError("unavailable", f"worker {self.worker_id} is changing role")
+        # A prefill in flight counts for the drain too, so a prefill worker switched to
+        # decode finishes the prompts it took before it changes role.
+        self._in_flight += 1
+        self._idle.clear()
         try:
             yield await prefill(self.engine, self.blocks, self.data_address, request)
         except InvalidRequestError as e:
@@ -205,6 +211,10 @@ class AggregatedWorker:
             raise RemoteError("queue_full", str(e)) from None
         except EngineDeadError as e:
             raise RemoteError("unavailable", str(e)) from None
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     async def _set_role(
         self, request: RoleChange, ctx: RequestContext
@@ -238,9 +248,9 @@ class AggregatedWorker:
         yield status("done")
 
     async def switch_role(self, role: WorkerRole) -> None:
-        """Become `role` (called drained: nothing in flight). The aggregated engine does
-        every role's work, so only the announced role changes here; a disaggregated worker
-        rebinds its prefill/decode handlers."""
+        """Become `role` (called drained: nothing in flight). Every worker serves both
+        `generate` (decoding, pulling remote prefills) and `prefill` with its KV data plane
+        up, so only the announced role changes here: the frontend routes by that role."""
         self.role = role
 
     async def _stats(self, request: StatsRequest, ctx: RequestContext) -> AsyncIterator[LoadReport]:
