@@ -39,6 +39,21 @@ class EngineConfig:
     `fault_after_steps` on, the runner poisons its logits with NaN ("nan") or negates them
     ("flip": silent corruption, wrong greedy tokens)."""
     fault_after_steps: int = 0
+    # KV tiers below the engine's pool (tokenfab.kv): blocks evicted from G1 are kept there
+    # and loaded back on a prefix hit instead of recomputed. All off by default.
+    kv_host_gb: float = 0.0
+    """G2: host shared memory for KV blocks (0: none)."""
+    kv_host_name: str | None = None
+    """Name of the G2 segment shared by the workers of a host (None: private to this engine)."""
+    kv_disk_dir: str | None = None
+    """G3: directory for KV extents (None: none); kept across restarts."""
+    kv_disk_gb: float = 8.0
+    kv_remote_url: str | None = None
+    """G4: NATS server with JetStream holding KV blocks in an object store (None: none)."""
+    kv_remote_bucket: str = "tokenfab-kv"
+    kv_remote_gb: float = 8.0
+    kv_offload_min_reuse: int = 0
+    """Admit an evicted block to the tiers only if it served this many prefix hits."""
 
 
 @dataclass

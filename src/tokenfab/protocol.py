@@ -210,8 +210,15 @@ class GenerateOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
 # ---------------------------------------------------------------- KV events (router input)
 
 
+KVTier = Literal["device", "host", "disk", "remote"]
+"""Where a worker holds a block: G1 its engine's pool, G2 host shared memory, G3 local disk,
+G4 a remote store (tokenfab.kv). A router counts a hit in a lower tier as cheaper than
+recomputing the block but dearer than a G1 hit."""
+
+
 class BlockStored(msgspec.Struct, tag=True, kw_only=True):
-    """Full blocks became cached (and so reusable by prefix) on an engine."""
+    """Full blocks became cached (and so reusable by prefix) on an engine, in `tier`.
+    Lower-tier events carry no token ids and no parent (the blocks' chain is in G1's events)."""
 
     event_id: int
     block_hashes: list[int]
@@ -219,13 +226,15 @@ class BlockStored(msgspec.Struct, tag=True, kw_only=True):
     token_ids: list[int]
     block_size: int
     lora_name: str | None = None
+    tier: KVTier = "device"
 
 
 class BlockRemoved(msgspec.Struct, tag=True, kw_only=True):
-    """Cached blocks were evicted and their prefixes are gone from that engine."""
+    """Cached blocks were evicted from `tier` of that engine."""
 
     event_id: int
     block_hashes: list[int]
+    tier: KVTier = "device"
 
 
 class AllBlocksCleared(msgspec.Struct, tag=True, kw_only=True):
@@ -316,6 +325,8 @@ class KVSnapshot(msgspec.Struct, kw_only=True):
     worker_id: str
     last_event_id: int
     block_hashes: list[int]
+    tier_hashes: dict[str, list[int]] = {}
+    """Blocks in the tiers below G1, by tier name (host, disk, remote)."""
 
 
 class RouteRequest(msgspec.Struct, kw_only=True):

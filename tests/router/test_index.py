@@ -245,3 +245,30 @@ def test_random_event_streams_match_a_reference_model() -> None:
         probe = rng.choice(pool)
         assert idx.holders(probe) == sorted(k for k, v in model.items() if probe in v)
         assert idx.find_matches([probe]) == {k: 1 for k, v in model.items() if probe in v}
+
+
+def test_lower_tier_events_are_kept_apart_from_g1_and_priced() -> None:
+    from tokenfab.protocol import BlockRemoved, BlockStored, KVEventBatch, KVSnapshot
+
+    idx = KVIndex()
+    stored = BlockStored(event_id=1, block_hashes=[1, 2], parent_hash=None, token_ids=[],
+                         block_size=16)  # fmt: skip
+    host = BlockStored(event_id=2, block_hashes=[3, 4], parent_hash=None, token_ids=[],
+                       block_size=16, tier="host")  # fmt: skip
+    disk = BlockStored(event_id=3, block_hashes=[4, 5], parent_hash=None, token_ids=[],
+                       block_size=16, tier="disk")  # fmt: skip
+    idx.apply(KVEventBatch(worker_id="w", events=[stored, host, disk]))
+    assert idx.find_matches([1, 2, 3, 4, 5, 6]) == {"w": 2}  # lower tiers are not G1 hits
+    cost = {"host": 0.1, "disk": 0.25}
+    assert idx.find_lower_matches([1, 2, 3, 4, 5, 6], {"w": 2}, cost) == {"w": (3, 0.45)}
+    gone = BlockRemoved(event_id=4, block_hashes=[3], tier="host")
+    idx.apply(KVEventBatch(worker_id="w", events=[gone]))
+    assert idx.find_matches([1, 2]) == {"w": 2}  # a host removal leaves G1 alone
+    assert idx.find_lower_matches([1, 2, 3, 4], {"w": 2}, cost) == {}
+    idx.mark_resync("w")
+    idx.load_snapshot(
+        KVSnapshot(worker_id="w", last_event_id=9, block_hashes=[1], tier_hashes={"disk": [2]})
+    )
+    assert idx.find_lower_matches([1, 2], {"w": 1}, cost) == {"w": (1, 0.25)}
+    idx.remove_worker("w")
+    assert idx.find_lower_matches([2], {}, cost) == {}

@@ -123,3 +123,12 @@ def test_invalid_inputs_raise() -> None:
         choose([WorkerLoad("a")], 64, BS, random.Random(0), temperature=-1.0)
     with pytest.raises(ValueError, match="block_size"):
         choose([WorkerLoad("a")], 64, 0, random.Random(0))
+
+
+def test_a_lower_tier_hit_is_cheaper_than_recompute_and_dearer_than_g1() -> None:
+    g1 = WorkerLoad("a", overlap_blocks=8)
+    host = WorkerLoad("b", lower_overlap_blocks=8, lower_overlap_cost=8 * 0.1)
+    cold = WorkerLoad("c")
+    costs = {load.worker_id: prefill_blocks(load, 10 * 16, 16) for load in (g1, host, cold)}
+    assert costs["a"] < costs["b"] < costs["c"]
+    assert costs["b"] == pytest.approx(2 + 0.8)

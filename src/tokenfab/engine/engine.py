@@ -35,6 +35,7 @@ from tokenfab.engine.errors import (
 from tokenfab.engine.kv_io import KVBlockIO
 from tokenfab.engine.threads import ThreadTuner, available_cpus, settle_threadsafe
 from tokenfab.engine.torch_runner import TorchRunner
+from tokenfab.kv.offload import build_offloader
 from tokenfab.protocol import GenerateOutput, GenerateRequest, KVSnapshot, LoadReport
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class LLMEngine(EngineCore):
             event_sink=event_sink,
             clock=clock,
             decode=lambda skip: decode_fn(tokenizer, skip),
+            offload=build_offloader(config, runner),  # moves bytes of the runner's KV tensor
         )
         self._holds: dict[str, list[int]] = {}
         """Blocks kept for another worker to pull (hold id -> block ids, see `hold_prefix`)."""
@@ -190,6 +192,8 @@ class LLMEngine(EngineCore):
         if len(data) != len(block_hashes) * bb:
             raise ValueError(f"{len(data)} bytes for {len(block_hashes)} blocks of {bb}")
         ids = self.kv.reserve(len(block_hashes))
+        if self.offload is not None:
+            self.offload.offload_evicted(self.kv)  # reserving evicted them: save before writing
         try:
             self.block_io.write(ids, memoryview(data)[: len(ids) * bb])
         except BaseException:
@@ -197,7 +201,7 @@ class LLMEngine(EngineCore):
             raise
         self.kv.adopt(ids, block_hashes[: len(ids)], parent_hash, token_ids, lora_name)
         self._blocks_imported += len(ids)
-        self.kv.flush_events()
+        self._flush_events()
         return len(ids)
 
     def stats(self) -> LoadReport:
@@ -387,6 +391,7 @@ class AsyncEngine:
         settle_threadsafe(loop, built, engine)
         try:
             self._loop_forever(engine)
+            engine.close()
         except BaseException as e:  # a bug in the loop itself: fail everyone, refuse new work
             log.exception("engine thread died")
             self._dead = f"the engine thread died: {e}"

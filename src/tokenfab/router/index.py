@@ -65,6 +65,9 @@ class KVIndex:
         self._resync_buffer = resync_buffer
         self._holders: Holders = holders if holders is not None else make_holders()
         """Block hash -> bitmask of the worker slots holding it."""
+        self._tiers: dict[str, dict[int, int]] = {}
+        """Lower tiers (host, disk, remote): block hash -> mask of the workers holding it
+        there. Kept apart from `_holders` (G1), so the hot path is unchanged."""
         self._workers: dict[str, _WorkerState] = {}
         self._slot_owner: list[str | None] = []
         self._free_slots: list[int] = []
@@ -90,6 +93,7 @@ class KVIndex:
         if state is None:
             return
         self._drop_all(state)
+        self._drop_tiers(state)
         self._slot_owner[state.slot] = None
         heapq.heappush(self._free_slots, state.slot)
 
@@ -154,7 +158,10 @@ class KVIndex:
         if not state.resync and snap.last_event_id <= state.last_event_id:
             return True
         self._drop_all(state)
+        self._drop_tiers(state)
         self._store(state, snap.block_hashes)
+        for tier, hashes in snap.tier_hashes.items():
+            self._tier_store(tier, state, hashes)
         state.last_event_id = snap.last_event_id
         state.resync = False
         self.snapshots_loaded += 1
@@ -182,7 +189,10 @@ class KVIndex:
             # Exact type checks: the union's members are final structs, and `is` is the
             # cheapest dispatch on this hot path.
             kind = type(event)
-            if kind is BlockStored:
+            if kind is not AllBlocksCleared and event.tier != "device":  # type: ignore[union-attr]
+                # Lower tiers live in their own maps: order against the G1 ops is irrelevant.
+                self._tier_event(state, event)  # type: ignore[arg-type]
+            elif kind is BlockStored:
                 hashes = event.block_hashes  # type: ignore[union-attr]
                 ops.append(len(hashes))
                 runs.append(hashes)
@@ -208,6 +218,67 @@ class KVIndex:
         per-worker set."""
         if state.num_blocks:
             state.num_blocks += self._holders.apply(state.slot, (CLEAR,), ())
+
+    # ------------------------------------------------------------------ lower tiers
+
+    def _tier_event(self, state: _WorkerState, event: BlockStored | BlockRemoved) -> None:
+        if isinstance(event, BlockStored):
+            self._tier_store(event.tier, state, event.block_hashes)
+            return
+        holders = self._tiers.get(event.tier)
+        if holders is None:
+            return
+        keep = ~(1 << state.slot)
+        for h in event.block_hashes:
+            rest = holders.get(h, 0) & keep
+            if rest:
+                holders[h] = rest
+            else:
+                holders.pop(h, None)
+
+    def _tier_store(self, tier: str, state: _WorkerState, hashes: Sequence[int]) -> None:
+        holders = self._tiers.setdefault(tier, {})
+        bit = 1 << state.slot
+        for h in hashes:
+            holders[h] = holders.get(h, 0) | bit
+
+    def _drop_tiers(self, state: _WorkerState) -> None:
+        bit = 1 << state.slot
+        keep = ~bit
+        for holders in self._tiers.values():
+            for h in [h for h, m in holders.items() if m & bit]:
+                rest = holders[h] & keep
+                if rest:
+                    holders[h] = rest
+                else:
+                    del holders[h]
+
+    def find_lower_matches(
+        self, hashes: Sequence[int], start: Mapping[str, int], tier_cost: Mapping[str, float]
+    ) -> dict[str, tuple[int, float]]:
+        """Per worker, how many blocks after its G1 match (`start`: worker -> blocks) it holds
+        in lower tiers, and their cost (per block, the cheapest tier's `tier_cost`); only
+        workers with at least one such block."""
+        if not self._tiers:
+            return {}
+        tiers = [(holders, tier_cost.get(t, 1.0)) for t, holders in self._tiers.items()]
+        tiers.sort(key=lambda pair: pair[1])
+        out: dict[str, tuple[int, float]] = {}
+        for worker, state in self._workers.items():
+            bit = 1 << state.slot
+            n, cost = 0, 0.0
+            for h in hashes[start.get(worker, 0) :]:
+                price = next((c for holders, c in tiers if holders.get(h, 0) & bit), None)
+                if price is None:
+                    break
+                n += 1
+                cost += price
+            if n:
+                out[worker] = (n, cost)
+        return out
+
+    def num_tier_blocks(self, tier: str) -> int:
+        return len(self._tiers.get(tier, {}))
 
     # ------------------------------------------------------------------ matching
 

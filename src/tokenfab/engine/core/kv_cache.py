@@ -17,12 +17,31 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Protocol
 
 from tokenfab.engine.core.sequence import Sequence
-from tokenfab.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from tokenfab.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVTier
 
 EventSink = Callable[[list[KVEvent]], None]
+
+
+class LowerTiers(Protocol):
+    """What the tiers below G1 hold (tokenfab.kv.tiered.TieredKVStore): a hint the scheduler
+    plans onboarding with; a block that then fails to load is recomputed."""
+
+    def leading(self, hashes: Seq[int]) -> int: ...
+
+
+@dataclass(slots=True)
+class Evicted:
+    """A cached block evicted while scheduling; its K/V are intact until the step runs."""
+
+    block_hash: int
+    block_id: int
+    hits: int
+    """Prefix hits it served while cached (the offloader's admission test)."""
 
 
 @dataclass(slots=True)
@@ -30,6 +49,7 @@ class _Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None
+    hits: int = 0
 
 
 @dataclass(slots=True)
@@ -55,6 +75,7 @@ class KVCacheManager:
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         event_sink: EventSink | None = None,
+        lower_tiers: LowerTiers | None = None,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(
@@ -64,6 +85,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.event_sink = event_sink
+        self.lower_tiers = lower_tiers
+        """Set: evictions are recorded for offload and prefixes continue into the tiers."""
+        self._evicted: list[Evicted] = []
         self._blocks = [_Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order (head = next to reuse). OrderedDict gives O(1) removal
         # from the middle when a prefix hit revives a free cached block.
@@ -122,6 +146,20 @@ class KVCacheManager:
             hits.append(block_id)
         return hits
 
+    def find_offloaded_prefix(self, seq: Sequence, start_block: int) -> list[int]:
+        """Hashes of the blocks after `start_block` (the G1 prefix) that the lower tiers hold,
+        under the same cap as `find_cached_prefix` (the last prompt token is computed)."""
+        if self.lower_tiers is None or not self.enable_prefix_caching:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        rest = seq.block_hashes[start_block:max_blocks]
+        return rest[: self.lower_tiers.leading(rest)] if rest else []
+
+    def take_evicted(self) -> list[Evicted]:
+        """Cached blocks evicted since the last call (recorded only with lower tiers)."""
+        out, self._evicted = self._evicted, []
+        return out
+
     def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
@@ -148,6 +186,7 @@ class KVCacheManager:
             if block.ref_count == 0:
                 del self._free[block_id]
             block.ref_count += 1
+            block.hits += 1
             entry.table.append(block_id)
         if prefix:
             entry.num_hashed = len(entry.table)
@@ -163,7 +202,10 @@ class KVCacheManager:
             if self._cached.get(block.block_hash) == block_id:
                 del self._cached[block.block_hash]
                 self._emit_removed(block.block_hash)
+                if self.lower_tiers is not None:
+                    self._evicted.append(Evicted(block.block_hash, block_id, block.hits))
             block.block_hash = None
+            block.hits = 0
         block.ref_count = 1
         return block_id
 
@@ -312,9 +354,27 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ events
 
+    def emit_tier_events(self, tier: KVTier, stored: list[int], removed: list[int]) -> None:
+        """Announce blocks that entered or left a tier below G1 (the offloader reports them)."""
+        if stored:
+            self._emit(
+                BlockStored(
+                    event_id=self._event_id(),
+                    block_hashes=list(stored),
+                    parent_hash=None,
+                    token_ids=[],
+                    block_size=self.block_size,
+                    tier=tier,
+                )
+            )
+        if removed:
+            self._emit(
+                BlockRemoved(event_id=self._event_id(), block_hashes=list(removed), tier=tier)
+            )
+
     def _emit_removed(self, block_hash: int) -> None:
         last = self._pending[-1] if self._pending else None
-        if isinstance(last, BlockRemoved):
+        if isinstance(last, BlockRemoved) and last.tier == "device":
             # Evictions within one step travel as one event.
             last.block_hashes.append(block_hash)
         else:
@@ -340,6 +400,10 @@ class KVCacheManager:
     def last_event_id(self) -> int:
         """Id of the newest event emitted (0: none yet), flushed or not."""
         return self._next_event_id
+
+    def cached_blocks(self) -> list[tuple[int, int]]:
+        """(block hash, block id) of every cached block."""
+        return list(self._cached.items())
 
     def cached_hashes(self) -> list[int]:
         """Every cached block hash: with `last_event_id`, a snapshot a router can resync

@@ -43,6 +43,18 @@ class ScheduledSeq:
     sample: bool
 
 
+@dataclass(slots=True)
+class Onboard:
+    """Blocks of an admitted request to load from the tiers below G1 before the step runs
+    (its chunk starts after them)."""
+
+    chunk_index: int
+    first_block: int
+    """Index in the request's block table of the first block to load."""
+    block_hashes: list[int]
+    block_ids: list[int]
+
+
 @dataclass
 class SchedulerOutput:
     batch: StepBatch
@@ -50,6 +62,7 @@ class SchedulerOutput:
     """In the same order as batch.chunks."""
     preempted: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
+    onboard: list[Onboard] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -127,7 +140,8 @@ class Scheduler:
         ):
             seq = self.waiting[0]
             prefix = self.kv.find_cached_prefix(seq)
-            num_computed = len(prefix) * self.kv.block_size
+            lower = self.kv.find_offloaded_prefix(seq, len(prefix))
+            num_computed = (len(prefix) + len(lower)) * self.kv.block_size
             num_new = seq.num_tokens - num_computed
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
@@ -138,10 +152,14 @@ class Scheduler:
             self.waiting.popleft()
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = num_computed
-                self.kv.record_prefix_query(seq.num_tokens, num_computed)
+                self.kv.record_prefix_query(seq.num_tokens, len(prefix) * self.kv.block_size)
             seq.num_computed_tokens = num_computed
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            if lower:
+                table = self.kv.block_table(seq.request_id)
+                ids = table[len(prefix) : len(prefix) + len(lower)]
+                out.onboard.append(Onboard(len(out.scheduled), len(prefix), lower, ids))
             self._add_chunk(out, seq, num_new)
             budget -= num_new
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget

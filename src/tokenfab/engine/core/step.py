@@ -20,6 +20,7 @@ from tokenfab.engine.core.kv_cache import EventSink, KVCacheManager
 from tokenfab.engine.core.runner import Runner
 from tokenfab.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenfab.engine.core.sequence import Sequence
+from tokenfab.engine.core.tiers import Offloader
 from tokenfab.engine.errors import CorruptLogitsError, InvalidRequestError
 from tokenfab.kv.hashing import request_extra_keys
 from tokenfab.protocol import (
@@ -64,14 +65,21 @@ class EngineCore:
         event_sink: EventSink | None = None,
         clock: Clock | None = None,
         decode: DecodeFactory | None = None,
+        offload: Offloader | None = None,
     ) -> None:
         self.runner: Runner = runner
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.max_model_len = max_model_len
         self._decode = decode
+        self.offload = offload
+        """The KV tiers below G1 (None: G1 only); it moves the bytes, `step` says when."""
         self.kv = KVCacheManager(
-            runner.num_blocks, runner.block_size, enable_prefix_caching, event_sink
+            runner.num_blocks,
+            runner.block_size,
+            enable_prefix_caching,
+            event_sink,
+            lower_tiers=offload.store if offload is not None else None,
         )
         self._clock: Clock = clock or MonotonicClock()
         self.scheduler = Scheduler(scheduler_config, self.kv, self._clock)
@@ -82,6 +90,23 @@ class EngineCore:
         self._steps = 0
         self._step_time_ema = 0.0
         self._last_step_end: float | None = None
+        self._announce_tiers()
+
+    def _announce_tiers(self) -> None:
+        """KV events for what the lower tiers already hold (a G3 directory kept across a
+        restart, a host segment other workers filled)."""
+        if self.offload is not None:
+            for tier, hashes in self.offload.store.known():
+                self.kv.emit_tier_events(tier, hashes, [])
+
+    def close(self) -> None:
+        """Write G1's cached blocks to the lower tiers, finish the writes and release the tiers
+        (G3 keeps its extents for the next engine)."""
+        if self.offload is not None:
+            self.offload.save_cached(self.kv)
+            self.offload.close()
+            self.offload = None
+            self.kv.lower_tiers = None
 
     # ------------------------------------------------------------------ requests
 
@@ -200,6 +225,7 @@ class EngineCore:
             sampling=SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0),
         )
         sink, self.kv.event_sink = self.kv.event_sink, None
+        tiers, self.kv.lower_tiers = self.kv.lower_tiers, None  # keep warm-up blocks out
         try:
             self.add_request(req)
             while self.has_unfinished():
@@ -207,7 +233,9 @@ class EngineCore:
             self.kv.reset_prefix_cache()
         finally:
             self.kv.event_sink = sink
+            self.kv.lower_tiers = tiers
         self.kv.restart_events()
+        self._announce_tiers()
         self._prompt_tokens = self._generation_tokens = self._finished = self._steps = 0
         self.kv.prefix_queries = self.kv.prefix_hits = 0
 
@@ -234,8 +262,11 @@ class EngineCore:
     def step(self) -> list[GenerateOutput]:
         """Run one scheduled step; return the outputs of the requests it advanced."""
         sched = self.scheduler.schedule()
+        if self.offload is not None:
+            # Offload evicted blocks, then onboard into fresh ones, before the model runs.
+            self.offload.before_step(sched, self.kv)
         if sched.is_empty:
-            self.kv.flush_events()
+            self._flush_events()
             return []
         self._steps += 1
         started = self._clock.now()
@@ -262,11 +293,16 @@ class EngineCore:
             except Exception as e:
                 log.exception("request %s failed", sampled.seq.request_id)
                 outputs.extend(self._fail([sampled.seq], f"request failed: {e}"))
-        self.kv.flush_events()
+        self._flush_events()
         self._last_step_end = end = self._clock.now()
         seconds = result.seconds
         self._record_step_time(end - started if seconds is None else seconds)
         return outputs
+
+    def _flush_events(self) -> None:
+        if self.offload is not None:
+            self.offload.after_step(self.kv)
+        self.kv.flush_events()
 
     def _record_step_time(self, seconds: float) -> None:
         ema = self._step_time_ema
@@ -401,4 +437,5 @@ class EngineCore:
             worker_id=worker_id,
             last_event_id=self.kv.last_event_id,
             block_hashes=self.kv.cached_hashes(),
+            tier_hashes=dict(self.offload.store.known()) if self.offload is not None else {},
         )
