@@ -160,3 +160,21 @@ def test_decode_worker_pulls_exactly_the_blocks_past_its_cached_prefix(tiny_llam
         assert decode_w.engine.stats().kv_blocks_imported == sum(expected_pulls)
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_default_model_disagg_equals_aggregated() -> None:
+    from tokenfab.engine.model.loader import resolve_model
+
+    model = resolve_model(None)
+    prompts = [f"{PREFIX} question {i}" for i in range(2)]
+    agg = ServerThread(_engine(model), ServerConfig(port=0, engine_processes=False))
+    expected = _tokens(agg.start(), prompts, max_tokens=16)
+    agg.stop()
+    srv = ServerThread(_engine(model), _disagg(engine_processes=False))
+    url = srv.start()
+    try:
+        assert _tokens(url, prompts, max_tokens=16) == expected
+        assert srv.stack.pool.remote_prefills == 2
+    finally:
+        srv.stop()
