@@ -120,3 +120,61 @@ def test_engine_processes_disagg_over_tcp_bad_frames_and_a_killed_prefill_worker
         assert used.get("decode-1", {}).get("used") == 0.0
     finally:
         srv.stop()
+
+
+def _token_tokens(url: str, prompt: list[int], max_tokens: int = 8) -> list[str]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    r = client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    return r.choices[0].logprobs.tokens
+
+
+def test_decode_worker_pulls_exactly_the_blocks_past_its_cached_prefix(tiny_llama: Path) -> None:
+    # Token-id prompts, 16-token blocks; no length is 0 or 1 past a block boundary, so "the
+    # prompt's full blocks" is the same count whichever way the last token is treated.
+    base = list(range(100, 200))
+    other = list(range(300, 340))
+    a = base[:70]  # 4 full blocks; the decode worker holds nothing yet: pulls 4
+    b = base[:40] + other[:35]  # 4 full blocks, the first 2 (32 tokens) shared with a: pulls 2
+    c = base[:100]  # a's 4 full blocks + 2 more (a's 5th block on the decode worker holds
+    # a's generated tokens, not base[64:80]): pulls 2
+    expected_pulls = [4, 2, 2]
+    agg = ServerThread(_engine(tiny_llama), ServerConfig(port=0, engine_processes=False))
+    url = agg.start()
+    expected = [_token_tokens(url, p) for p in (a, b, c)]
+    agg.stop()
+    srv = ServerThread(_engine(tiny_llama), _disagg(engine_processes=False))
+    url = srv.start()
+    try:
+        _, decode_w = srv.stack.workers
+        pulls = []
+        for prompt, want in zip((a, b, c), expected, strict=True):
+            before = decode_w.transfers.blocks_pulled
+            assert _token_tokens(url, prompt) == want
+            pulls.append(decode_w.transfers.blocks_pulled - before)
+        assert pulls == expected_pulls
+        assert srv.stack.pool.remote_prefills == 3
+        assert decode_w.engine.stats().kv_blocks_imported == sum(expected_pulls)
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_default_model_disagg_equals_aggregated() -> None:
+    from tokenfab.engine.model.loader import resolve_model
+
+    model = resolve_model(None)
+    prompts = [f"{PREFIX} question {i}" for i in range(2)]
+    agg = ServerThread(_engine(model), ServerConfig(port=0, engine_processes=False))
+    expected = _tokens(agg.start(), prompts, max_tokens=16)
+    agg.stop()
+    srv = ServerThread(_engine(model), _disagg(engine_processes=False))
+    url = srv.start()
+    try:
+        assert _tokens(url, prompts, max_tokens=16) == expected
+        assert srv.stack.pool.remote_prefills == 2
+    finally:
+        srv.stop()
