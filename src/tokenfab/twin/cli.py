@@ -53,11 +53,9 @@ def twin(
     if ctx.invoked_subcommand is not None:
         return
     import itertools
-    import json
 
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     from tokenfab.bench.traces import load_trace, resolve_trace
     from tokenfab.bench.workload import (
@@ -114,25 +112,34 @@ def twin(
     with Progress(console=console, disable=json_out, transient=True) as bar:
         task = bar.add_task("virtual time", total=horizon or 1.0)
         records = sim.run(specs, progress=lambda t: bar.update(task, completed=min(t, horizon)))
-    summary = summarize(records)
+    _report(
+        summarize(records).as_dict(), f"twin: {workers} workers, {len(records)} requests", json_out
+    )
+
+
+def _report(summary: dict[str, object], title: str, json_out: bool) -> None:
+    """A run's summary as JSON or a table (both models)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
     if json_out:
-        typer.echo(json.dumps(summary.as_dict()))
+        typer.echo(json.dumps(summary))
         return
-    table = Table(title=f"twin: {workers} workers, {len(records)} requests")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in summary.as_dict().items():
+    for key, value in summary.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
 
 
 def _run_fleet(config: object, step_time: object, specs: list, json_out: bool) -> None:
     """The fleet model's run and summary (same keys as the step model's)."""
-    import json
 
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     from tokenfab.twin.fleet import FleetRequest, FleetSimulator, summarize_fleet
     from tokenfab.twin.sim import SimConfig
@@ -145,16 +152,8 @@ def _run_fleet(config: object, step_time: object, specs: list, json_out: bool) -
     with Progress(console=Console(stderr=True), disable=json_out, transient=True) as bar:
         task = bar.add_task("virtual time", total=horizon or 1.0)
         stats = sim.run(requests, progress=lambda t: bar.update(task, completed=min(t, horizon)))
-    summary = summarize_fleet(stats)
-    if json_out:
-        typer.echo(json.dumps(summary.as_dict()))
-        return
-    table = Table(title=f"twin (fleet model): {config.workers} workers, {stats.requests} requests")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in summary.as_dict().items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    title = f"twin (fleet model): {config.workers} workers, {stats.requests} requests"
+    _report(summarize_fleet(stats).as_dict(), title, json_out)
 
 
 def _sizes(text: str, name: str) -> tuple[int, ...]:
