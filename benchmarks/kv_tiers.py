@@ -9,12 +9,15 @@ in flight, checksums verified). Naive: pages dropped again, then a subset of blo
 block by block in 4 KiB preads with readahead off (POSIX_FADV_RANDOM), one in flight.
 Warm: the same blocks read from a `HostKVStore` (shared memory, checksums verified).
 
-(b) LLMEngine on SmolLM2-135M (bf16, 1 thread): 2 prefixes of `--prefix` tokens asked in
-turns with distinct 8-token suffixes, one request at a time, max_tokens 1; the pool holds one
-prefix only, so without tiers each request recomputes most of its prefix. TTFT = add_request
-to first output (engine only: no HTTP). p50 over all but the first two (cold) requests.
+(b) SmolLM2-135M (1 thread): 2 prefixes of `--prefix` tokens asked in turns with distinct
+8-token suffixes, one request at a time, max_tokens 1; the pool holds one prefix only, so
+without tiers each request recomputes most of its prefix. By default through what a user runs:
+a fresh `tokenfab serve --kv-blocks N --num-threads 1 [--kv-host-gb 0.25 --kv-disk-dir D]`
+per setting, TTFT timed by a streaming HTTP client; `--path engine` times LLMEngine alone
+(add_request to first output, no HTTP). p50 over all but the first two (cold) requests.
 
     .venv/bin/python benchmarks/kv_tiers.py [--json] [--blocks N] [--prefix N] [--requests N]
+        [--path served|engine]
 """
 
 from __future__ import annotations
@@ -109,7 +112,56 @@ def read_throughput(num_blocks: int, naive_blocks: int) -> dict[str, float]:
     }
 
 
-def ttft(prefix: int, requests: int, tiers: bool, tmp: str) -> float:
+def prompts(prefix: int, requests: int) -> list[list[int]]:
+    """Two long prefixes asked in turns, each with a fresh 8-token suffix."""
+    rng = np.random.default_rng(1)
+    prefixes = [[int(x) for x in rng.integers(100, 40000, prefix)] for _ in range(2)]
+    return [
+        prefixes[i % 2] + [int(x) for x in rng.integers(100, 40000, 8)] for i in range(requests)
+    ]
+
+
+def pool_blocks(prefix: int) -> int:
+    return -(-(prefix + 16) // 16) + 2  # one request's blocks, a little slack
+
+
+def ttft_served(prefix: int, requests: int, tiers: bool, tmp: str) -> float:
+    """TTFT p50 (ms) against a fresh `tokenfab serve`, one streaming request at a time."""
+    import asyncio
+    import sys
+
+    import _peers
+    import httpx
+
+    from tokenfab.bench.client import ClientConfig, send_streaming
+    from tokenfab.bench.workload import RequestSpec
+
+    port = _peers.free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(Path(sys.executable).with_name("tokenfab")), "serve", "--port", str(port)]
+    cmd += ["--kv-blocks", str(pool_blocks(prefix)), "--num-threads", "1"]
+    if tiers:
+        cmd += ["--kv-host-gb", "0.25", "--kv-disk-dir", tmp]
+
+    async def run() -> list[float]:
+        async with httpx.AsyncClient(timeout=600) as client:
+            model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+            cfg = ClientConfig(url, model)
+            times = []
+            for i, ids in enumerate(prompts(prefix, requests)):
+                res = await send_streaming(client, cfg, RequestSpec(i, ids, 1, 0.0), 0.0)
+                if res.error or res.ttft is None:
+                    raise RuntimeError(f"request {i} failed: {res.error}")
+                times.append(res.ttft)
+            return times
+
+    log = Path(tempfile.gettempdir()) / f"kv-tiers-serve-{'on' if tiers else 'off'}.log"
+    with _peers.server_process(cmd, dict(os.environ), url, log, startup_s=300):
+        times = asyncio.run(run())
+    return statistics.median(times[2:]) * 1000
+
+
+def ttft_engine(prefix: int, requests: int, tiers: bool, tmp: str) -> float:
     import torch
 
     from tokenfab.config import EngineConfig
@@ -119,18 +171,14 @@ def ttft(prefix: int, requests: int, tiers: bool, tmp: str) -> float:
 
     torch.set_num_threads(1)
     loaded = load_model(None, "auto", "cpu")
-    blocks = -(-(prefix + 16) // 16) + 2  # one request's blocks, a little slack
+    blocks = pool_blocks(prefix)
     extra = {"kv_host_gb": 0.25, "kv_disk_dir": tmp} if tiers else {}
     cfg = EngineConfig(num_kv_blocks=blocks, num_threads=1, **extra)
     engine = LLMEngine(cfg, loaded=loaded)
     engine.warm_up()
-    rng = np.random.default_rng(1)
-    prefixes = [[int(x) for x in rng.integers(100, 40000, prefix)] for _ in range(2)]
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     times: list[float] = []
-    for i in range(requests):
-        suffix = [int(x) for x in rng.integers(100, 40000, 8)]
-        ids = prefixes[i % 2] + suffix
+    for i, ids in enumerate(prompts(prefix, requests)):
         t0 = time.perf_counter()
         engine.add_request(
             GenerateRequest(request_id=f"r{i}", prompt_token_ids=ids, sampling=params)
@@ -152,11 +200,19 @@ def main() -> None:
     ap.add_argument("--naive-blocks", type=int, default=96, help="blocks read naively")
     ap.add_argument("--prefix", type=int, default=1024, help="shared prefix tokens")
     ap.add_argument("--requests", type=int, default=10, help="requests per TTFT run")
+    ap.add_argument(
+        "--path",
+        choices=("served", "engine"),
+        default="served",
+        help="TTFT through `tokenfab serve` (default) or of the engine alone",
+    )
     args = ap.parse_args()
-    res = read_throughput(args.blocks, args.naive_blocks)
+    res: dict[str, float | str] = dict(read_throughput(args.blocks, args.naive_blocks))
+    ttft = ttft_served if args.path == "served" else ttft_engine
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="kv-tiers-g3-") as tmp:
         res["ttft_p50_on_ms"] = ttft(args.prefix, args.requests, True, tmp)
     res["ttft_p50_off_ms"] = ttft(args.prefix, args.requests, False, "")
+    res["ttft_path"] = args.path
     if args.json:
         print(json.dumps(res))
         return

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from tokenfab.protocol import WorkerRole
@@ -54,6 +55,15 @@ class EngineConfig:
     kv_remote_gb: float = 8.0
     kv_offload_min_reuse: int = 0
     """Admit an evicted block to the tiers only if it served this many prefix hits."""
+
+    def for_worker(self, worker_id: str, engines: int) -> EngineConfig:
+        """This config for engine `worker_id` of `engines` on one host: a G3 directory of its
+        own when several share the given one (a subdirectory named for the worker, so the
+        worker restarted under its id finds its extents again; two engines cannot share one
+        directory)."""
+        if engines < 2 or not self.kv_disk_dir:
+            return replace(self)
+        return replace(self, kv_disk_dir=os.path.join(self.kv_disk_dir, worker_id))
 
 
 @dataclass

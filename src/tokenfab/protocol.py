@@ -282,10 +282,20 @@ class LoadReport(msgspec.Struct, kw_only=True):
     num_steps: int = 0
     step_time_ema: float = 0.0
     """Seconds per engine step, exponentially averaged (0: no step yet)."""
+    step_expected_s: float = 0.0
+    """How long the step in progress should take, from its tokens and the engine's measured
+    seconds per token (0: no step running, or nothing measured yet)."""
     kv_blocks_held: int = 0
     """Blocks kept for other workers to pull (disaggregated prefill)."""
     kv_blocks_imported: int = 0
     """Blocks received from other workers (total)."""
+    kv_offloaded_blocks: int = 0
+    """Blocks evicted from G1 and written to the tiers below it (total)."""
+    kv_onboarded_blocks: int = 0
+    """Blocks loaded back from the tiers below G1 instead of recomputed (total)."""
+    kv_onboard_failed_blocks: int = 0
+    """Blocks planned for loading from a tier that did not load (missing or failing their
+    checksum) and were recomputed (total)."""
     step_age_s: float = 0.0
     """The step heartbeat: seconds since the engine's last step ended, on the worker's own
     clock when this report was made. With `running` it tells a hung engine (work, no steps)

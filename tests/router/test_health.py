@@ -203,3 +203,13 @@ def test_drained_workers_get_no_canary_vote(reason: str) -> None:
     m.on_canary("b", [1])
     m.on_canary("c", [1])
     assert m.drained("b") is None and m.drained("c") is None
+
+
+def test_a_step_the_worker_expects_to_be_long_is_not_a_hang() -> None:
+    # A 4,000-token prefill on a slow CPU: 3 s expected, a 10 ms step average.
+    m, clock = monitor("w0", hang_timeout_s=1.5)
+    m.on_report(report("w0", steps=5, ema=0.01, step_expected_s=3.0))
+    clock.advance(10.0)
+    assert m.check() == ([], [])  # allowed 4 x 3 s
+    clock.advance(2.5)
+    assert [d.reason for d in m.check()[0]] == ["hang"]

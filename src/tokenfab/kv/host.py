@@ -23,6 +23,7 @@ import numpy as np
 
 from tokenfab.kv.checksum import block_checksum
 
+_SHM = Path("/dev/shm")
 _MAGIC = 0x3147564B46544B54  # "TKTFKVG1"
 _HEADER = 64
 _SLOT = np.dtype([("valid", "<u8"), ("hash", "<u8"), ("checksum", "<u8"), ("stamp", "<u8")])
@@ -42,7 +43,7 @@ class HostKVStore:
                 f"host tier capacity {capacity_bytes} B holds no block of {block_bytes} B"
             )
         self.name = name
-        self.path = Path("/dev/shm") / f"tokenfab-kv-{name}"
+        self.path = segment_path(name)
         self.block_bytes = block_bytes
         self.num_slots = num_slots
         table = num_slots * _SLOT.itemsize
@@ -218,4 +219,13 @@ class HostKVStore:
 
     def unlink(self) -> None:
         """Remove the segment (the last user of a host calls this)."""
-        self.path.unlink(missing_ok=True)
+        remove_segment(self.name)
+
+
+def segment_path(name: str) -> Path:
+    return _SHM / f"tokenfab-kv-{name}"
+
+
+def remove_segment(name: str) -> None:
+    """Remove a named segment (its users' mappings live on until they close them)."""
+    segment_path(name).unlink(missing_ok=True)

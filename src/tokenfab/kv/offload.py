@@ -17,11 +17,11 @@ After the step, what entered or left each tier becomes KV events with that tier.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tokenfab.engine.core.tiers import OffloadStats
 from tokenfab.kv.tiered import TieredKVStore
 
 if TYPE_CHECKING:
@@ -29,14 +29,6 @@ if TYPE_CHECKING:
     from tokenfab.engine.core.kv_cache import KVCacheManager
     from tokenfab.engine.core.scheduler import SchedulerOutput
     from tokenfab.engine.kv_io import KVBlockIO
-
-
-@dataclass(slots=True)
-class OffloadStats:
-    offloaded_blocks: int = 0
-    onboarded_blocks: int = 0
-    onboard_shortfall_blocks: int = 0
-    """Blocks planned for onboarding that did not load and were recomputed."""
 
 
 class KVOffloader:

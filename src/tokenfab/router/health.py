@@ -30,8 +30,9 @@ class HealthConfig:
     hang_timeout_s: float = 1.5
     """Busy and no step for this long is a hang (detection within this plus one check)..."""
     hang_step_factor: float = 4.0
-    """...or for this many of the worker's mean steps, when that is longer (a slow model's
-    long prefill steps are not hangs)."""
+    """...or for this many of the worker's mean steps or of the step it is running (as the
+    worker expects it from its tokens), when that is longer: a long prefill step on a slow
+    machine is not a hang."""
     straggler_ratio: float = 2.0
     """A straggler's step time is at least this multiple of the reference median..."""
     straggler_mads: float = 5.0
@@ -199,8 +200,9 @@ class HealthMonitor:
         for wid, w in self._workers.items():
             if w.drain is None and w.busy_since is not None:
                 since = max(w.busy_since, w.progress_at or w.busy_since)
-                ema = w.report.step_time_ema if w.report is not None else 0.0
-                limit = max(cfg.hang_timeout_s, cfg.hang_step_factor * ema)
+                r = w.report
+                expected = 0.0 if r is None else max(r.step_time_ema, r.step_expected_s)
+                limit = max(cfg.hang_timeout_s, cfg.hang_step_factor * expected)
                 if now - since > limit:
                     self._drain(
                         wid, "hang", f"busy and no engine step for {now - since:.1f}s", True

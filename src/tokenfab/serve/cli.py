@@ -29,6 +29,34 @@ ROUTER_TEMPERATURE_OPTION = typer.Option(
     0.0, help="kv router: 0 picks the cheapest worker; > 0 samples (softmax of costs)."
 )
 
+KV_HOST_OPTION = typer.Option(
+    0.0,
+    "--kv-host-gb",
+    min=0.0,
+    help="KV tier G2: GiB of host shared memory keeping blocks evicted from the engines' pools "
+    "(serve: one segment shared by all its workers). 0: none.",
+)
+KV_DISK_OPTION = typer.Option(
+    None,
+    "--kv-disk-dir",
+    help="KV tier G3: directory keeping evicted blocks on disk, kept across restarts (with "
+    "several engines, one subdirectory per worker id).",
+)
+KV_DISK_GB_OPTION = typer.Option(8.0, "--kv-disk-gb", min=0.0, help="G3 capacity per engine, GiB.")
+KV_REMOTE_OPTION = typer.Option(
+    None,
+    "--kv-remote",
+    help="KV tier G4: nats://host:port of a NATS server with JetStream (`nats-server -js`) "
+    "keeping evicted blocks in an object store shared by every host.",
+)
+KV_REMOTE_GB_OPTION = typer.Option(8.0, "--kv-remote-gb", min=0.0, help="G4 capacity, GiB.")
+KV_MIN_REUSE_OPTION = typer.Option(
+    0,
+    "--kv-offload-min-reuse",
+    min=0,
+    help="Keep an evicted block in the tiers only if it served this many prefix hits.",
+)
+
 
 def _router_options(policy: str, overlap_weight: float, temperature: float) -> dict[str, Any]:
     if policy not in POLICIES:
@@ -61,6 +89,13 @@ def _engine_config(**kw: Any) -> Any:
         max_waiting=kw["max_waiting"],
         enable_prefix_caching=not kw["no_prefix_caching"],
         num_threads=kw["num_threads"],
+        kv_host_gb=kw["kv_host_gb"],
+        kv_host_name=kw.get("kv_host_name"),
+        kv_disk_dir=kw["kv_disk_dir"],
+        kv_disk_gb=kw["kv_disk_gb"],
+        kv_remote_url=kw["kv_remote"],
+        kv_remote_gb=kw["kv_remote_gb"],
+        kv_offload_min_reuse=kw["kv_offload_min_reuse"],
     )
 
 
@@ -138,6 +173,12 @@ def register(app: typer.Typer) -> None:
         num_threads: int = typer.Option(
             None, help="Torch threads per engine (default: tuned while running)."
         ),
+        kv_host_gb: float = KV_HOST_OPTION,
+        kv_disk_dir: str = KV_DISK_OPTION,
+        kv_disk_gb: float = KV_DISK_GB_OPTION,
+        kv_remote: str = KV_REMOTE_OPTION,
+        kv_remote_gb: float = KV_REMOTE_GB_OPTION,
+        kv_offload_min_reuse: int = KV_MIN_REUSE_OPTION,
         in_process: bool = typer.Option(
             False,
             "--in-process",
@@ -239,6 +280,17 @@ def register(app: typer.Typer) -> None:
         num_threads: int = typer.Option(
             None, help="Torch threads per engine (default: tuned while running)."
         ),
+        kv_host_gb: float = KV_HOST_OPTION,
+        kv_host_name: str = typer.Option(
+            None,
+            help="Name of the G2 segment (/dev/shm/tokenfab-kv-NAME): worker processes given "
+            "the same name share it (default: each engine its own).",
+        ),
+        kv_disk_dir: str = KV_DISK_OPTION,
+        kv_disk_gb: float = KV_DISK_GB_OPTION,
+        kv_remote: str = KV_REMOTE_OPTION,
+        kv_remote_gb: float = KV_REMOTE_GB_OPTION,
+        kv_offload_min_reuse: int = KV_MIN_REUSE_OPTION,
         drain_grace: float = typer.Option(
             10.0,
             help="On SIGTERM: seconds in-flight requests may run on (no new work is taken); "

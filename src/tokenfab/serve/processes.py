@@ -134,7 +134,7 @@ class EngineProcesses:
                 runtime_url=self.url,
                 namespace=self.namespace,
                 worker_id=wid,
-                engine=self.overrides.get(wid, self.engine),
+                engine=self.overrides.get(wid, self.engine.for_worker(wid, self.count)),
                 parent_pid=os.getpid(),
                 log_level=self.log_level,
                 cpus=cpus,

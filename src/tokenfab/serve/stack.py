@@ -7,13 +7,17 @@ frontend alone, for workers already on a shared runtime.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from tokenfab.config import EmbeddedPlanner, EngineConfig, ServerConfig
 from tokenfab.frontend.app import FrontendState, build_app
 from tokenfab.frontend.workers import WorkerPool
+from tokenfab.kv.host import remove_segment
 from tokenfab.kv.transfer import LocalDataPlane
 from tokenfab.planner import Capacity, PlannerConfig
 from tokenfab.planner.service import PlannerService
@@ -52,6 +56,11 @@ class ServingStack:
         if server.spares < 0:
             raise ValueError(f"spares must be at least 0 (got {server.spares})")
         self.engine_overrides = engine_overrides or {}
+        self.shared_host_tier: str | None = None
+        """The G2 segment this deployment's engines share (removed at stop)."""
+        if engine.kv_host_gb > 0 and engine.kv_host_name is None:
+            self.shared_host_tier = f"serve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            engine = dataclasses.replace(engine, kv_host_name=self.shared_host_tier)
         self.engine_config = engine
         self.server_config = server
         self.log_level = log_level
@@ -162,6 +171,8 @@ class ServingStack:
         if self.processes is not None:
             await self.processes.stop()
             self.processes = None
+        if self.shared_host_tier is not None:
+            remove_segment(self.shared_host_tier)
 
     def describe(self) -> str:
         state = self.app.state.tokenfab

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -44,10 +43,10 @@ async def start_engines(
     try:
         for i in range(count):
             sink = KVEventForwarder()
-            eng = AsyncEngine(dataclasses.replace(engine), event_sink=sink, loaded=loaded)
+            worker_id = f"{id_prefix}-{i}" if count > 1 or id_prefix == "worker" else id_prefix
+            eng = AsyncEngine(engine.for_worker(worker_id, count), event_sink=sink, loaded=loaded)
             await eng.start()
             engines.append(eng)
-            worker_id = f"{id_prefix}-{i}" if count > 1 or id_prefix == "worker" else id_prefix
             role: WorkerRole = roles[i] if roles else "aggregated"
             worker = AggregatedWorker(
                 eng, runtime, sink, worker_id=worker_id, role=role, data_plane=data_plane

@@ -20,7 +20,7 @@ from tokenfab.engine.core.kv_cache import EventSink, KVCacheManager
 from tokenfab.engine.core.runner import Runner
 from tokenfab.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenfab.engine.core.sequence import Sequence
-from tokenfab.engine.core.tiers import Offloader
+from tokenfab.engine.core.tiers import Offloader, OffloadStats
 from tokenfab.engine.errors import CorruptLogitsError, InvalidRequestError
 from tokenfab.kv.hashing import request_extra_keys
 from tokenfab.protocol import (
@@ -33,6 +33,9 @@ from tokenfab.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+PREFILL_STEP_TOKENS = 32
+"""Steps of at least this many tokens measure the engine's seconds per prompt token."""
 
 DecodeFactory = Callable[[bool], Callable[[list[int]], str]]
 """skip_special_tokens -> a decode function (from the tokenizer); None: no text at all."""
@@ -89,6 +92,11 @@ class EngineCore:
         self._finished = 0
         self._steps = 0
         self._step_time_ema = 0.0
+        self._token_cost_ema = 0.0
+        """Seconds per scheduled token on prefill-sized steps (0: none measured yet)."""
+        self._first_step_seen = False
+        self._step_tokens = 0
+        """Tokens of the step in progress (0: none): read by `stats` from another thread."""
         self._last_step_end: float | None = None
         self._announce_tiers()
 
@@ -213,23 +221,28 @@ class EngineCore:
         """Run one short request through prefill and decode, then forget it: the first
         forward pass of a process pays one-time costs (oneDNN and OpenMP set-up, first-touch
         of buffers; ~2 s measured on the 2-CPU machine) that would otherwise land on the
-        first client's TTFT. Afterwards the engine is as if new: counters at zero, an empty
-        prefix cache and no KV events (routers see a fresh engine)."""
+        first client's TTFT. A second prompt's prefill then measures the seconds per token
+        (`expected_step_seconds`). Afterwards the engine is as if new: counters at zero, an
+        empty prefix cache and no KV events (routers see a fresh engine)."""
         n = min(prompt_tokens, self.max_model_len - output_tokens - 1)
         if n < 1 or self.has_unfinished():
             return
-        ids = [(i * 7919) % (self.vocab_size - 1) + 1 for i in range(n)]
-        req = GenerateRequest(
-            request_id="tokenfab-warm-up",
-            prompt_token_ids=ids,
-            sampling=SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0),
-        )
         sink, self.kv.event_sink = self.kv.event_sink, None
         tiers, self.kv.lower_tiers = self.kv.lower_tiers, None  # keep warm-up blocks out
         try:
-            self.add_request(req)
-            while self.has_unfinished():
-                self.step()
+            for k, max_tokens in enumerate((output_tokens, 1)):
+                ids = [(i * 7919 + k) % (self.vocab_size - 1) + 1 for i in range(n)]
+                self.add_request(
+                    GenerateRequest(
+                        request_id=f"tokenfab-warm-up-{k}",
+                        prompt_token_ids=ids,
+                        sampling=SamplingParams(
+                            max_tokens=max_tokens, ignore_eos=True, temperature=0.0
+                        ),
+                    )
+                )
+                while self.has_unfinished():
+                    self.step()
             self.kv.reset_prefix_cache()
         finally:
             self.kv.event_sink = sink
@@ -237,6 +250,7 @@ class EngineCore:
         self.kv.restart_events()
         self._announce_tiers()
         self._prompt_tokens = self._generation_tokens = self._finished = self._steps = 0
+        self._step_time_ema = 0.0  # the set-up step's seconds would linger in the average
         self.kv.prefix_queries = self.kv.prefix_hits = 0
 
     def has_unfinished(self) -> bool:
@@ -271,9 +285,11 @@ class EngineCore:
         self._steps += 1
         started = self._clock.now()
         self._mark_prompt_logits(sched)
+        self._step_tokens = sched.num_batched_tokens
         try:
             result = self.runner.execute(sched)
         except CorruptLogitsError:
+            self._step_tokens = 0
             # Not a failure of some requests to isolate: the runner's numbers cannot be
             # trusted, so it goes up to the owner (AsyncEngine quarantines the engine). The
             # step did end, so the heartbeat moves (a quarantined worker is not also "hung").
@@ -296,7 +312,7 @@ class EngineCore:
         self._flush_events()
         self._last_step_end = end = self._clock.now()
         seconds = result.seconds
-        self._record_step_time(end - started if seconds is None else seconds)
+        self._record_step_time(end - started if seconds is None else seconds, self._step_tokens)
         return outputs
 
     def _flush_events(self) -> None:
@@ -304,9 +320,26 @@ class EngineCore:
             self.offload.after_step(self.kv)
         self.kv.flush_events()
 
-    def _record_step_time(self, seconds: float) -> None:
+    def _record_step_time(self, seconds: float, tokens: int) -> None:
+        self._step_tokens = 0
         ema = self._step_time_ema
         self._step_time_ema = seconds if ema == 0.0 else 0.9 * ema + 0.1 * seconds
+        # The per-token cost comes from prefill-sized steps only (a decode step's time is
+        # mostly fixed cost), and never from a process's first step, which pays one-time
+        # set-up (warm_up runs a second prefill so a fresh engine has a figure).
+        if tokens >= PREFILL_STEP_TOKENS and self._first_step_seen:
+            cost, old = seconds / tokens, self._token_cost_ema
+            self._token_cost_ema = cost if old == 0.0 else 0.7 * old + 0.3 * cost
+        self._first_step_seen = True
+
+    def expected_step_seconds(self) -> float:
+        """How long the step in progress should take (0: none running, or nothing measured):
+        what a health check waits for before it calls a busy engine hung, so a long prefill
+        on a slow machine is not mistaken for a hang."""
+        tokens = self._step_tokens
+        if tokens == 0:
+            return 0.0
+        return max(self._step_time_ema, self._token_cost_ema * tokens)
 
     def _mark_prompt_logits(self, sched: SchedulerOutput) -> None:
         """Ask the runner for every row of the prompt chunks of prompt-logprobs requests."""
@@ -407,7 +440,11 @@ class EngineCore:
             max(0, seq.num_prompt_tokens - seq.num_computed_tokens)
             for seq in (*sched.running, *sched.waiting)
         )
+        tiers = self.offload.stats if self.offload is not None else OffloadStats()
         return LoadReport(
+            kv_offloaded_blocks=tiers.offloaded_blocks,
+            kv_onboarded_blocks=tiers.onboarded_blocks,
+            kv_onboard_failed_blocks=tiers.onboard_shortfall_blocks,
             running=len(sched.running),
             waiting=len(sched.waiting),
             kv_blocks_used=self.kv.num_used_blocks,
@@ -422,6 +459,7 @@ class EngineCore:
             requests_finished=self._finished,
             num_steps=self._steps,
             step_time_ema=self._step_time_ema,
+            step_expected_s=self.expected_step_seconds(),
             step_age_s=self.step_age(),
         )
 

@@ -8,6 +8,7 @@ writes the model runner's KV tensor) is built and handed in by `LLMEngine`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from tokenfab.engine.core.kv_cache import KVCacheManager, LowerTiers
@@ -21,9 +22,20 @@ class TierStore(LowerTiers, Protocol):
         ...
 
 
+@dataclass(slots=True)
+class OffloadStats:
+    offloaded_blocks: int = 0
+    onboarded_blocks: int = 0
+    onboard_shortfall_blocks: int = 0
+    """Blocks planned for onboarding that did not load and were recomputed."""
+
+
 class Offloader(Protocol):
     @property
     def store(self) -> TierStore: ...
+
+    @property
+    def stats(self) -> OffloadStats: ...
 
     def before_step(self, sched: SchedulerOutput, kv_cache: KVCacheManager) -> None:
         """Write back the blocks evicted while scheduling, then load the planned onboarding
