@@ -8,6 +8,8 @@ DONTNEED), then all blocks are read with `read_into` (runs of consecutive blocks
 in flight, checksums verified). Naive: pages dropped again, then a subset of blocks read
 block by block in 4 KiB preads with readahead off (POSIX_FADV_RANDOM), one in flight.
 Warm: the same blocks read from a `HostKVStore` (shared memory, checksums verified).
+G4: `--remote-blocks` blocks written to and read back from a `RemoteKVStore` on a local
+`nats-server -js` (JetStream object store, loopback).
 
 (b) SmolLM2-135M (1 thread): 2 prefixes of `--prefix` tokens asked in turns with distinct
 8-token suffixes, one request at a time, max_tokens 1; the pool holds one prefix only, so
@@ -112,6 +114,36 @@ def read_throughput(num_blocks: int, naive_blocks: int) -> dict[str, float]:
     }
 
 
+def remote_throughput(num_blocks: int) -> dict[str, float]:
+    """G4 on a local `nats-server -js` (loopback, file storage under /tmp): write the blocks,
+    then read them back (`inflight` concurrent object gets, checksums verified)."""
+    from tokenfab.kv.remote import RemoteKVStore
+    from tokenfab.runtime.nats_server import NatsServer
+
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, (num_blocks, BLOCK_BYTES), dtype=np.uint8)
+    hashes = [int(x) for x in rng.integers(1, 2**63, num_blocks)]
+    nbytes = num_blocks * BLOCK_BYTES
+    server = NatsServer(jetstream=True)
+    server.start()
+    try:
+        remote = RemoteKVStore(server.url, BLOCK_BYTES, 2 * nbytes)
+        try:
+            t0 = time.perf_counter()
+            remote.put_many(hashes, data)
+            write = time.perf_counter() - t0
+            out = np.zeros_like(data)
+            t0 = time.perf_counter()
+            ok = remote.read_into(hashes, out)
+            read = time.perf_counter() - t0
+            assert all(ok) and np.array_equal(out, data), "a remote block came back wrong"
+        finally:
+            remote.close()
+    finally:
+        server.stop()
+    return {"remote_write_gbps": nbytes / write / 1e9, "remote_read_gbps": nbytes / read / 1e9}
+
+
 def prompts(prefix: int, requests: int) -> list[list[int]]:
     """Two long prefixes asked in turns, each with a fresh 8-token suffix."""
     rng = np.random.default_rng(1)
@@ -200,6 +232,7 @@ def main() -> None:
     ap.add_argument("--naive-blocks", type=int, default=96, help="blocks read naively")
     ap.add_argument("--prefix", type=int, default=1024, help="shared prefix tokens")
     ap.add_argument("--requests", type=int, default=10, help="requests per TTFT run")
+    ap.add_argument("--remote-blocks", type=int, default=256, help="blocks through G4")
     ap.add_argument(
         "--path",
         choices=("served", "engine"),
@@ -208,6 +241,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     res: dict[str, float | str] = dict(read_throughput(args.blocks, args.naive_blocks))
+    res.update(remote_throughput(args.remote_blocks))
     ttft = ttft_served if args.path == "served" else ttft_engine
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="kv-tiers-g3-") as tmp:
         res["ttft_p50_on_ms"] = ttft(args.prefix, args.requests, True, tmp)
@@ -220,6 +254,8 @@ def main() -> None:
     print(f"G3 cold read, naive 4 KiB preads:      {res['naive_gbps']:.3f} GB/s")
     print(f"  coalesced / naive: {res['cold_gbps'] / res['naive_gbps']:.1f}x")
     print(f"G2 warm read (shared memory):          {res['warm_gbps']:.2f} GB/s")
+    print(f"G4 write / read (NATS JetStream objects): {res['remote_write_gbps']:.3f} / "
+          f"{res['remote_read_gbps']:.3f} GB/s")  # fmt: skip
     on, off = res["ttft_p50_on_ms"], res["ttft_p50_off_ms"]
     print(f"TTFT p50 tiers on {on:.0f} ms, off {off:.0f} ms: {off / on:.2f}x")
 
