@@ -67,6 +67,29 @@ class EngineConfig:
 
 
 @dataclass
+class DataPlaneConfig:
+    """Where a worker serves the KV blocks it holds for others (disaggregated serving)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind (0.0.0.0: every interface, for decode workers on other hosts)."""
+    port: int = 0
+    """0: any free port; with several engines in one process, engine i binds port + i."""
+    advertise: str | None = None
+    """What others dial: a host (the bound port is added) or host:port (e.g. a proxy's);
+    default: the bound address."""
+
+    def for_engine(self, i: int) -> DataPlaneConfig:
+        return replace(self, port=self.port + i if self.port else 0)
+
+    def advertised(self, bound_host: str, bound_port: int) -> str:
+        if not self.advertise:
+            return f"{bound_host}:{bound_port}"
+        if ":" in self.advertise.rsplit("]", 1)[-1]:
+            return self.advertise
+        return f"{self.advertise}:{bound_port}"
+
+
+@dataclass
 class EmbeddedPlanner:
     """`tokenfab serve --planner`: the planner run beside the serving stack, moving the
     deployment's own workers between the prefill and decode roles."""

@@ -1,7 +1,7 @@
-"""The runtime's NATS connection through a TCP fault proxy (tests/runtime/fault_proxy.py):
+"""The runtime's NATS connection through a TCP fault proxy (tests/fault_proxy.py):
 latency, resets and truncation make calls slow or fail with a clear error, never hang, and
-the connection recovers by itself. (The KV data plane is not on this branch yet; the same
-proxy is meant for it.)"""
+the connection recovers by itself. (The KV data plane through the same proxy:
+tests/disagg/test_data_plane_faults.py.)"""
 
 from __future__ import annotations
 

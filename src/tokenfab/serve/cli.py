@@ -296,9 +296,23 @@ def register(app: typer.Typer) -> None:
             help="On SIGTERM: seconds in-flight requests may run on (no new work is taken); "
             "the frontend migrates what is left.",
         ),
+        data_host: str = typer.Option(
+            "127.0.0.1",
+            help="KV data plane (disaggregated serving): address to bind; 0.0.0.0 when decode "
+            "workers run on other hosts.",
+        ),
+        data_port: int = typer.Option(
+            0, min=0, max=65535, help="KV data plane port (0: any free; engine i binds +i)."
+        ),
+        data_advertise: str = typer.Option(
+            None,
+            help="KV data plane address other workers dial: HOST (the bound port added) or "
+            "HOST:PORT (default: the bound address).",
+        ),
         log_level: str = typer.Option("info", help="debug | info | warning | error."),
     ) -> None:
         """Run engine worker(s) on a shared runtime (no HTTP); `tokenfab frontend` serves them."""
+        from tokenfab.config import DataPlaneConfig
         from tokenfab.worker.launch import run_worker
 
         if role not in ("aggregated", "prefill", "decode"):
@@ -314,6 +328,7 @@ def register(app: typer.Typer) -> None:
                 workers,
                 role=role,  # type: ignore[arg-type]
                 drain_grace_s=drain_grace,
+                data=DataPlaneConfig(data_host, data_port, data_advertise or None),
             )
         )
 

@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from tokenfab.config import DataPlaneConfig
 from tokenfab.engine.errors import (
     EngineDeadError,
     EngineQuarantinedError,
     InvalidRequestError,
     QueueFullError,
 )
-from tokenfab.kv.transfer import KVDataServer, KVTransferClient, LocalDataPlane
+from tokenfab.kv.transfer import KVDataServer, KVTransferClient, LocalDataPlane, parse_address
 from tokenfab.protocol import (
     KV_EVENTS_TOPIC,
     LOAD_TOPIC,
@@ -86,8 +87,7 @@ class AggregatedWorker:
         load_interval: float = 0.5,
         lease_ttl: float = 2.5,
         data_plane: LocalDataPlane | None = None,
-        data_host: str = "127.0.0.1",
-        data_advertise: str | None = None,
+        data: DataPlaneConfig | None = None,
     ) -> None:
         """`engine` is a started AsyncEngine; `kv_events` the sink it was built with. The lease
         is short so a worker killed without a goodbye leaves discovery within ~3 s (its
@@ -106,8 +106,7 @@ class AggregatedWorker:
         # KV data plane: in-process copies when given a LocalDataPlane, else TCP. Every role
         # serves one, so a role can change at runtime without restarting (planner).
         self._local_plane = data_plane
-        self._data_host = data_host
-        self._data_advertise = data_advertise
+        self._data = data or DataPlaneConfig()
         self._data_server: KVDataServer | None = None
         self.data_address = ""
         self.blocks: EngineBlockSource | None = None
@@ -160,11 +159,10 @@ class AggregatedWorker:
         if self._local_plane is not None:
             self.data_address = self._local_plane.register(self.worker_id, self.blocks)
         else:
-            self._data_server = KVDataServer(
-                self.blocks, self._data_host, advertise=self._data_advertise
-            )
+            self._data_server = KVDataServer(self.blocks, self._data.host, self._data.port)
             await self._data_server.start()
-            self.data_address = self._data_server.address
+            host, port = parse_address(self._data_server.address)
+            self.data_address = self._data.advertised(host, port)
         self._tasks.append(asyncio.get_running_loop().create_task(self.blocks.reap()))
 
     async def start(self) -> None:

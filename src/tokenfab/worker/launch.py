@@ -13,7 +13,7 @@ import signal
 import socket
 from typing import Any
 
-from tokenfab.config import EngineConfig
+from tokenfab.config import DataPlaneConfig, EngineConfig
 from tokenfab.kv.transfer import LocalDataPlane
 from tokenfab.protocol import WorkerRole
 from tokenfab.runtime import Runtime
@@ -30,6 +30,7 @@ async def start_engines(
     id_prefix: str = "worker",
     roles: list[WorkerRole] | None = None,
     data_plane: LocalDataPlane | None = None,
+    data: DataPlaneConfig | None = None,
 ) -> tuple[list[Any], list[AggregatedWorker]]:
     """Load the model once and start `count` engines, each behind a worker in its role
     (`roles[i]`, default aggregated); with `data_plane`, KV moves between them are copies."""
@@ -49,7 +50,13 @@ async def start_engines(
             engines.append(eng)
             role: WorkerRole = roles[i] if roles else "aggregated"
             worker = AggregatedWorker(
-                eng, runtime, sink, worker_id=worker_id, role=role, data_plane=data_plane
+                eng,
+                runtime,
+                sink,
+                worker_id=worker_id,
+                role=role,
+                data_plane=data_plane,
+                data=(data or DataPlaneConfig()).for_engine(i),
             )
             await worker.start()
             workers.append(worker)
@@ -97,6 +104,7 @@ async def run_worker(
     parent_pid: int | None = None,
     role: WorkerRole = "aggregated",
     drain_grace_s: float = 10.0,
+    data: DataPlaneConfig | None = None,
 ) -> None:
     """Engines registered on a shared runtime, until SIGINT/SIGTERM (or the parent's death).
     Then a graceful drain: no new work, up to `drain_grace_s` for the requests in flight to
@@ -106,7 +114,12 @@ async def run_worker(
     workers: list[AggregatedWorker] = []
     try:
         engines, workers = await start_engines(
-            runtime, engine, count, worker_id or default_worker_prefix(), roles=[role] * count
+            runtime,
+            engine,
+            count,
+            worker_id or default_worker_prefix(),
+            roles=[role] * count,
+            data=data,
         )
         ids = ", ".join(w.worker_id for w in workers)
         log.info("worker(s) %s serving %s on %s", ids, engines[0].model_name, runtime_url)
