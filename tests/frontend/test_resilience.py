@@ -216,3 +216,29 @@ def test_nats_server_killed_and_restarted_loses_no_request(
         assert Run(url, max_tokens=8)() == [t[:8] for t in baseline]  # and serves
     finally:
         srv.stop()
+
+
+def test_a_hot_spare_stays_idle_then_takes_over_a_killed_worker(
+    tiny_llama: Path, baseline: list[list[str]]
+) -> None:
+    """2 serving workers and 1 spare: the spare gets no request until a serving worker is
+    killed mid-stream; then it serves (its streams and the next ones), and nothing is lost."""
+    srv, url = _server(tiny_llama, spares=1)
+    try:
+        assert srv.stack is not None and srv.stack.processes is not None and srv.stack.pool
+        pool, processes = srv.stack.pool, srv.stack.processes
+        ids = ["worker-0", "worker-1", "worker-2"]
+        assert sorted(processes.pids()) == ids
+        assert _wait(lambda: len(pool.workers) == 3, 30)
+        serving = pool.health.routable(ids)
+        assert len(serving) == 2
+        (spare,) = set(ids) - set(serving)  # whichever registered last
+        assert Run(url, max_tokens=8)() == [t[:8] for t in baseline]
+        assert _metric(url, "tokenfab_router_decisions_total", worker=spare) == 0
+        victim = processes.pid_of(serving[0])
+        assert Run(url)(lambda: os.kill(victim, signal.SIGKILL)) == baseline
+        assert pool.health.routable([spare]) == [spare]  # promoted
+        assert Run(url, max_tokens=8)() == [t[:8] for t in baseline]
+        assert _metric(url, "tokenfab_router_decisions_total", worker=spare) > 0
+    finally:
+        srv.stop()
