@@ -282,6 +282,9 @@ class LoadReport(msgspec.Struct, kw_only=True):
     num_steps: int = 0
     step_time_ema: float = 0.0
     """Seconds per engine step, exponentially averaged (0: no step yet)."""
+    step_tokens_ema: float = 0.0
+    """Tokens per engine step, averaged like `step_time_ema` (what a step's time is compared
+    at: a prefill worker's long steps are not a straggler's)."""
     step_expected_s: float = 0.0
     """How long the step in progress should take, from its tokens and the engine's measured
     seconds per token (0: no step running, or nothing measured yet)."""

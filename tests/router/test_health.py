@@ -213,3 +213,48 @@ def test_a_step_the_worker_expects_to_be_long_is_not_a_hang() -> None:
     assert m.check() == ([], [])  # allowed 4 x 3 s
     clock.advance(2.5)
     assert [d.reason for d in m.check()[0]] == ["hang"]
+
+
+def test_a_worker_waiting_on_others_is_alive_while_it_reports() -> None:
+    # A decode worker's stream is open while a prefill worker computes the prompt: its engine
+    # is idle, it does not step, but its load reports keep coming.
+    m, clock = monitor("decode", hang_timeout_s=1.5)
+    m.on_report(report("decode", steps=50, age=30.0, running=0))
+    m.on_stream_opened("decode")
+    for _ in range(20):
+        clock.advance(0.5)
+        m.on_report(report("decode", steps=50, age=30.0, running=0))
+        assert m.check() == ([], [])
+    # The blocks arrive and its engine takes the request: the step clock starts now, not at
+    # the stream's opening (10 s ago) or at its last step (40 s ago).
+    m.on_report(report("decode", steps=50, age=40.0, running=1))
+    clock.advance(1.0)
+    assert m.check() == ([], [])
+    clock.advance(1.0)
+    drains = m.check()[0]
+    assert [d.reason for d in drains] == ["hang"] and "engine step" in drains[0].detail
+
+
+def test_a_waiting_worker_that_stops_reporting_is_hung() -> None:
+    m, clock = monitor("decode", hang_timeout_s=1.5)
+    m.on_report(report("decode", steps=50, age=1.0, running=0))
+    m.on_stream_opened("decode")
+    clock.advance(1.0)
+    m.on_report(report("decode", steps=50, age=2.0, running=0))
+    clock.advance(1.4)
+    assert m.check() == ([], [])
+    clock.advance(0.2)  # 1.6 s since its last report (SIGSTOP)
+    drains = m.check()[0]
+    assert [d.reason for d in drains] == ["hang"] and "load report" in drains[0].detail
+
+
+def test_long_prefill_steps_are_not_compared_with_short_decode_steps() -> None:
+    m, _ = monitor("prefill", "d1", "d2", "d3", straggler_reports=1)
+    for _ in range(10):
+        m.on_report(report("prefill", 100, running=2, ema=0.30, step_tokens_ema=900.0))
+        for w in ("d1", "d2", "d3"):
+            m.on_report(report(w, 100, running=2, ema=0.03, step_tokens_ema=2.0))
+    assert m.check() == ([], [])
+    # at like tokens per step, the same gap is a straggler
+    m.on_report(report("d3", 100, running=2, ema=0.30, step_tokens_ema=2.0))
+    assert [d.worker_id for d in m.check()[0]] == ["d3"]

@@ -65,11 +65,16 @@ class _Worker:
     streams: int = 0
     """Open generate streams this frontend has on the worker."""
     report: LoadReport | None = None
+    report_at: float | None = None
+    """Clock time the last load report arrived."""
     busy_since: float | None = None
+    """Since when it has had streams open or requests in its engine (None: idle)."""
+    engine_busy_since: float | None = None
+    """Since when its reports have shown requests in its engine (None: none)."""
     progress_at: float | None = None
     """Clock time of the last step the worker reported (receipt time minus its step age)."""
-    history: deque[tuple[int, float]] = field(default_factory=deque)
-    """Own (running, step seconds) samples, oldest first."""
+    history: deque[tuple[LoadReport, float]] = field(default_factory=deque)
+    """Own (load, step seconds) samples, oldest first."""
     slow_reports: int = 0
     slow_detail: str = ""
     canary: tuple[int, ...] | None = None
@@ -95,6 +100,15 @@ def like_load(a: int, b: int) -> bool:
     """Step times are comparable only at a similar batch size (within 2x)."""
     lo, hi = sorted((max(a, 1), max(b, 1)))
     return hi <= 2 * lo
+
+
+def like_reports(a: LoadReport, b: LoadReport) -> bool:
+    """Like batch sizes and, where both say, like tokens per step (a prefill worker's
+    1,000-token steps are not comparable with a decode worker's 8-token ones)."""
+    if not like_load(a.running, b.running):
+        return False
+    ta, tb = a.step_tokens_ema, b.step_tokens_ema
+    return ta <= 0 or tb <= 0 or like_load(round(ta), round(tb))
 
 
 def choose_active(healthy: Iterable[str], active: set[str], target: int | None) -> set[str]:
@@ -149,7 +163,11 @@ class HealthMonitor:
         if w is None:
             return
         now = self.clock.now()
-        w.report = report
+        w.report, w.report_at = report, now
+        if report.running + report.waiting == 0:
+            w.engine_busy_since = None
+        elif w.engine_busy_since is None:
+            w.engine_busy_since = now
         if report.num_steps > 0:
             last_step = now - report.step_age_s
             w.progress_at = last_step if w.progress_at is None else max(w.progress_at, last_step)
@@ -199,14 +217,21 @@ class HealthMonitor:
         cfg = self.config
         for wid, w in self._workers.items():
             if w.drain is None and w.busy_since is not None:
-                since = max(w.busy_since, w.progress_at or w.busy_since)
                 r = w.report
+                if w.engine_busy_since is not None:
+                    # Requests in its engine: it must step.
+                    start = max(w.busy_since, w.engine_busy_since)
+                    since = max(start, w.progress_at or start)
+                    what = "engine step"
+                else:
+                    # Streams open, engine idle by its last report (e.g. a decode worker
+                    # waiting for a remote prefill): alive while its reports keep coming.
+                    since = max(w.busy_since, w.report_at or w.busy_since)
+                    what = "load report"
                 expected = 0.0 if r is None else max(r.step_time_ema, r.step_expected_s)
                 limit = max(cfg.hang_timeout_s, cfg.hang_step_factor * expected)
                 if now - since > limit:
-                    self._drain(
-                        wid, "hang", f"busy and no engine step for {now - since:.1f}s", True
-                    )
+                    self._drain(wid, "hang", f"busy and no {what} for {now - since:.1f}s", True)
         before = set(self._active)
         restored = []
         for wid, w in self._workers.items():
@@ -268,7 +293,7 @@ class HealthMonitor:
 
     def _check_straggler(self, worker_id: str, w: _Worker, report: LoadReport) -> None:
         cfg = self.config
-        x, load = report.step_time_ema, report.running
+        x = report.step_time_ema
         peers = [
             o.report.step_time_ema
             for wid, o in self._workers.items()
@@ -277,9 +302,9 @@ class HealthMonitor:
             and o.report is not None
             and o.report.running > 0
             and o.report.step_time_ema > 0
-            and like_load(o.report.running, load)
+            and like_reports(o.report, report)
         ]
-        own = [t for n, t in w.history if like_load(n, load)]
+        own = [t for r, t in w.history if like_reports(r, report)]
         why = ""
         if len(peers) + 1 >= cfg.straggler_min_peers and is_outlier(
             x, [*peers, x], cfg.straggler_ratio, cfg.straggler_mads
@@ -295,6 +320,6 @@ class HealthMonitor:
                 self._drain(worker_id, "straggler", why, migrate=False)
             return  # slow samples do not become the history they are judged by
         w.slow_reports = 0
-        w.history.append((load, x))
+        w.history.append((report, x))
         while len(w.history) > cfg.straggler_history:
             w.history.popleft()

@@ -92,6 +92,7 @@ class EngineCore:
         self._finished = 0
         self._steps = 0
         self._step_time_ema = 0.0
+        self._step_tokens_ema = 0.0
         self._token_cost_ema = 0.0
         """Seconds per scheduled token on prefill-sized steps (0: none measured yet)."""
         self._first_step_seen = False
@@ -250,7 +251,8 @@ class EngineCore:
         self.kv.restart_events()
         self._announce_tiers()
         self._prompt_tokens = self._generation_tokens = self._finished = self._steps = 0
-        self._step_time_ema = 0.0  # the set-up step's seconds would linger in the average
+        # the set-up step's seconds would linger in the averages
+        self._step_time_ema = self._step_tokens_ema = 0.0
         self.kv.prefix_queries = self.kv.prefix_hits = 0
 
     def has_unfinished(self) -> bool:
@@ -324,6 +326,7 @@ class EngineCore:
         self._step_tokens = 0
         ema = self._step_time_ema
         self._step_time_ema = seconds if ema == 0.0 else 0.9 * ema + 0.1 * seconds
+        self._step_tokens_ema = tokens if ema == 0.0 else 0.9 * self._step_tokens_ema + 0.1 * tokens
         # The per-token cost comes from prefill-sized steps only (a decode step's time is
         # mostly fixed cost), and never from a process's first step, which pays one-time
         # set-up (warm_up runs a second prefill so a fresh engine has a figure).
@@ -459,6 +462,7 @@ class EngineCore:
             requests_finished=self._finished,
             num_steps=self._steps,
             step_time_ema=self._step_time_ema,
+            step_tokens_ema=self._step_tokens_ema,
             step_expected_s=self.expected_step_seconds(),
             step_age_s=self.step_age(),
         )
