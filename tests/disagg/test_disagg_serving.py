@@ -122,6 +122,39 @@ def test_engine_processes_disagg_over_tcp_bad_frames_and_a_killed_prefill_worker
         srv.stop()
 
 
+def test_a_quarantined_prefill_worker_leaves_decode_workers_to_prefill(tiny_llama: Path) -> None:
+    """The only prefill worker's logits are NaN from its first step (its warm-up): it
+    quarantines itself; every request is computed on the decode worker, unchanged."""
+    prompts = [f"{PREFIX} question {i}" for i in range(3)]
+    agg = ServerThread(_engine(tiny_llama), ServerConfig(port=0, engine_processes=False))
+    expected = _tokens(agg.start(), prompts)
+    agg.stop()
+    poisoned = EngineConfig(
+        model=str(tiny_llama), num_kv_blocks=256, max_model_len=512, num_threads=1,
+        fault="nan", fault_after_steps=0,
+    )  # fmt: skip
+    srv = ServerThread(
+        _engine(tiny_llama),
+        _disagg(engine_processes=True),
+        engine_overrides={"prefill-0": poisoned},
+    )
+    url = srv.start()
+    try:
+        assert _tokens(url, prompts[:1]) == expected[:1]
+        pool = srv.stack.pool
+        for _ in range(100):  # bounded: its next load report says so
+            if pool.health.drained("prefill-0") is not None:
+                break
+            time.sleep(0.05)
+        drain = pool.health.drained("prefill-0")
+        assert drain is not None and drain.reason == "quarantined"
+        before = pool.remote_prefills
+        assert _tokens(url, prompts[1:]) == expected[1:]
+        assert pool.remote_prefills == before  # not sent to the quarantined worker
+    finally:
+        srv.stop()
+
+
 def _token_tokens(url: str, prompt: list[int], max_tokens: int = 8) -> list[str]:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
     model = client.models.list().data[0].id

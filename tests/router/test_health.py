@@ -258,3 +258,21 @@ def test_long_prefill_steps_are_not_compared_with_short_decode_steps() -> None:
     # at like tokens per step, the same gap is a straggler
     m.on_report(report("d3", 100, running=2, ema=0.30, step_tokens_ema=2.0))
     assert [d.worker_id for d in m.check()[0]] == ["d3"]
+
+
+def test_own_history_is_judged_per_step_token() -> None:
+    # A lone prefill worker: its steps take longer with longer prompts, at the same cost per
+    # token; only a higher cost per token is straggling.
+    m, _ = monitor("prefill", straggler_min_history=8, straggler_reports=2)
+    for i in range(10):
+        tokens = 600.0 + 60 * (i % 4)
+        m.on_report(
+            report("prefill", 100 + i, running=3, ema=tokens * 3e-4, step_tokens_ema=tokens)
+        )
+    for i in range(3):
+        m.on_report(report("prefill", 200 + i, running=3, ema=0.33, step_tokens_ema=1100.0))
+    assert m.check() == ([], [])  # twice the step time for ~twice the tokens
+    for i in range(2):
+        m.on_report(report("prefill", 300 + i, running=3, ema=0.6, step_tokens_ema=700.0))
+    drains = m.check()[0]
+    assert [d.reason for d in drains] == ["straggler"] and "per step token" in drains[0].detail

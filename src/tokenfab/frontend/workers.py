@@ -409,6 +409,8 @@ class WorkerPool:
     ) -> ResponseStream[GenerateOutput]:
         rid = request.request_id
         decoders, prefillers = self._roles(exclude)
+        # Prefill workers all drained (hung, straggling): decode workers prefill themselves.
+        prefillers = self.health.routable(prefillers)
         if prefillers and decoders and request.sampling.prompt_logprobs is None:
             wid, request = self._route_disagg(request, decoders, prefillers)
         else:

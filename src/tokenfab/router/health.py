@@ -73,8 +73,8 @@ class _Worker:
     """Since when its reports have shown requests in its engine (None: none)."""
     progress_at: float | None = None
     """Clock time of the last step the worker reported (receipt time minus its step age)."""
-    history: deque[tuple[LoadReport, float]] = field(default_factory=deque)
-    """Own (load, step seconds) samples, oldest first."""
+    history: deque[LoadReport] = field(default_factory=deque)
+    """Own reports of normal speed, oldest first."""
     slow_reports: int = 0
     slow_detail: str = ""
     canary: tuple[int, ...] | None = None
@@ -109,6 +109,11 @@ def like_reports(a: LoadReport, b: LoadReport) -> bool:
         return False
     ta, tb = a.step_tokens_ema, b.step_tokens_ema
     return ta <= 0 or tb <= 0 or like_load(round(ta), round(tb))
+
+
+def token_seconds(r: LoadReport) -> float:
+    """Seconds per step token (per step where the report does not count tokens)."""
+    return r.step_time_ema / r.step_tokens_ema if r.step_tokens_ema >= 1 else r.step_time_ema
 
 
 def choose_active(healthy: Iterable[str], active: set[str], target: int | None) -> set[str]:
@@ -304,22 +309,26 @@ class HealthMonitor:
             and o.report.step_time_ema > 0
             and like_reports(o.report, report)
         ]
-        own = [t for r, t in w.history if like_reports(r, report)]
+        # Its own past steps, per token: a prefill worker's steps vary with prompt length.
+        own = [token_seconds(r) for r in w.history if like_reports(r, report)]
+        mine = token_seconds(report)
         why = ""
-        if len(peers) + 1 >= cfg.straggler_min_peers and is_outlier(
-            x, [*peers, x], cfg.straggler_ratio, cfg.straggler_mads
-        ):
-            why = f"step {x * 1e3:.1f} ms vs peers' median {statistics.median(peers) * 1e3:.1f} ms"
+        if len(peers) + 1 >= cfg.straggler_min_peers:
+            # Peers at a like load decide (a machine-wide slowdown slows them too).
+            if is_outlier(x, [*peers, x], cfg.straggler_ratio, cfg.straggler_mads):
+                med = statistics.median(peers)
+                why = f"step {x * 1e3:.1f} ms vs peers' median {med * 1e3:.1f} ms"
         elif len(own) >= cfg.straggler_min_history and is_outlier(
-            x, own, cfg.straggler_ratio, cfg.straggler_mads
+            mine, own, cfg.straggler_ratio, cfg.straggler_mads
         ):
-            why = f"step {x * 1e3:.1f} ms vs its own median {statistics.median(own) * 1e3:.1f} ms"
+            med = statistics.median(own)
+            why = f"{mine * 1e3:.2f} ms per step token vs its own median {med * 1e3:.2f} ms"
         if why:
             w.slow_reports += 1
             if w.slow_reports >= cfg.straggler_reports and w.drain is None:
                 self._drain(worker_id, "straggler", why, migrate=False)
             return  # slow samples do not become the history they are judged by
         w.slow_reports = 0
-        w.history.append((report, x))
+        w.history.append(report)
         while len(w.history) > cfg.straggler_history:
             w.history.popleft()
