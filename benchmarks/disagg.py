@@ -109,6 +109,10 @@ def run_shape(name: str, model: Path, specs: list, args: argparse.Namespace, log
            "--num-threads", str(args.threads), "--dtype", "bfloat16",
            "--max-model-len", str(args.max_model_len),
            "--disagg-min-uncached", str(args.disagg_min_uncached)]  # fmt: skip
+    if args.step_budget:
+        cmd += ["--max-num-batched-tokens", str(args.step_budget)]
+    if args.decode_budget:  # only decode-role workers use it: none in the aggregated shape
+        cmd += ["--decode-max-batched-tokens", str(args.decode_budget)]
     _peers.log(f"{name}: starting ({_peers.machine_load()})")
     with _peers.server_process(cmd, dict(os.environ), url, logs / f"disagg-{name}.log"):
         model_id = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
@@ -160,6 +164,18 @@ def main() -> None:
     ap.add_argument("--itl-limit-ms", type=float, default=150.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per engine")
     ap.add_argument("--disagg-min-uncached", type=int, default=256)
+    ap.add_argument(
+        "--step-budget",
+        type=int,
+        default=0,
+        help="serve --max-num-batched-tokens for every shape (0: the default, 2048)",
+    )
+    ap.add_argument(
+        "--decode-budget",
+        type=int,
+        default=0,
+        help="serve --decode-max-batched-tokens for the disaggregated shape (0: the default)",
+    )
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")

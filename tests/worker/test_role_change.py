@@ -118,3 +118,38 @@ async def test_same_role_and_drain_timeout(setup) -> None:
     assert worker.load_report().state == "serving"
     outs = await running
     assert sum(len(o.token_ids) for o in outs) == 200
+
+
+async def test_the_decode_role_has_its_own_step_budget(tiny_llama: Path) -> None:
+    rt = Runtime.local()
+    sink = KVEventForwarder()
+    config = EngineConfig(
+        model=str(tiny_llama),
+        num_kv_blocks=64,
+        max_model_len=256,
+        num_threads=1,
+        max_num_batched_tokens=512,
+        decode_max_num_batched_tokens=16,
+    )
+    engine = AsyncEngine(config, event_sink=sink)
+    await engine.start()
+    worker = AggregatedWorker(engine, rt, sink, worker_id="w0", role="decode", load_interval=0)
+    await worker.start()
+
+    async def budget() -> int:
+        return await engine.run_on_engine(lambda e: e.scheduler.config.max_num_batched_tokens)
+
+    try:
+        assert await budget() == 16
+        # a 40-token prompt in 16-token steps: 3 prefill steps, then one per token
+        outs = [o async for o in await rt.call("w0", "generate", _req("a", 4), GenerateOutput)]
+        assert sum(len(o.token_ids) for o in outs) == 4
+        assert engine.stats().num_steps == 3 + 3
+        await worker.switch_role("prefill")
+        assert await budget() == 512
+        await worker.switch_role("decode")
+        assert await budget() == 16
+    finally:
+        await worker.close()
+        await engine.shutdown()
+        await rt.close()

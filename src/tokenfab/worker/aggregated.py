@@ -165,7 +165,16 @@ class AggregatedWorker:
             self.data_address = self._data.advertised(host, port)
         self._tasks.append(asyncio.get_running_loop().create_task(self.blocks.reap()))
 
+    async def _apply_role_budget(self) -> None:
+        """The step token budget of this role (EngineConfig.decode_max_num_batched_tokens)."""
+        cfg = self.engine.config
+        budget = cfg.max_num_batched_tokens
+        if self.role == "decode" and cfg.decode_max_num_batched_tokens is not None:
+            budget = cfg.decode_max_num_batched_tokens
+        await self.engine.run_on_engine(lambda e: e.set_step_budget(budget))
+
     async def start(self) -> None:
+        await self._apply_role_budget()
         await self._start_data_plane()
         self._registration = await self.runtime.register(
             WORKER_COMPONENT,
@@ -284,8 +293,10 @@ class AggregatedWorker:
     async def switch_role(self, role: WorkerRole) -> None:
         """Become `role` (called drained: nothing in flight). Every worker serves both
         `generate` (decoding, pulling remote prefills) and `prefill` with its KV data plane
-        up, so only the announced role changes here: the frontend routes by that role."""
+        up, so only the announced role changes here (and the step budget, see
+        EngineConfig.decode_max_num_batched_tokens): the frontend routes by that role."""
         self.role = role
+        await self._apply_role_budget()
 
     async def _stats(self, request: StatsRequest, ctx: RequestContext) -> AsyncIterator[LoadReport]:
         yield self.load_report()
