@@ -111,8 +111,8 @@ def run_shape(name: str, model: Path, specs: list, args: argparse.Namespace, log
            "--disagg-min-uncached", str(args.disagg_min_uncached)]  # fmt: skip
     if args.step_budget:
         cmd += ["--max-num-batched-tokens", str(args.step_budget)]
-    if args.decode_budget:  # only decode-role workers use it: none in the aggregated shape
-        cmd += ["--decode-max-batched-tokens", str(args.decode_budget)]
+    if args.decode_budget >= 0:  # only decode-role workers use it: none in the aggregated shape
+        cmd += ["--decode-max-prefill-tokens", str(args.decode_budget)]
     _peers.log(f"{name}: starting ({_peers.machine_load()})")
     with _peers.server_process(cmd, dict(os.environ), url, logs / f"disagg-{name}.log"):
         model_id = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
@@ -173,8 +173,8 @@ def main() -> None:
     ap.add_argument(
         "--decode-budget",
         type=int,
-        default=0,
-        help="serve --decode-max-batched-tokens for the disaggregated shape (0: the default)",
+        default=-1,
+        help="serve --decode-max-prefill-tokens (0: no limit; default: serve's default)",
     )
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)

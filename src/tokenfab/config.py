@@ -27,10 +27,11 @@ class EngineConfig:
     """None: the model's own context length."""
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    decode_max_num_batched_tokens: int | None = None
-    """Step token budget while the worker has the decode role (None: max_num_batched_tokens).
-    Small steps keep the prompts a decode worker computes itself (short ones, or any while the
-    prefill workers are busy) from stalling its streams for a whole long step."""
+    decode_max_prefill_tokens: int | None = 32
+    """Prompt tokens one step computes while the worker has the decode role (None: up to
+    max_num_batched_tokens); decode tokens are not limited. Small prompt chunks keep the
+    prompts a decode worker computes itself (short ones, or any while the prefill workers are
+    busy) from stalling its streams for a whole long step."""
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_waiting: int = 4096

@@ -231,3 +231,22 @@ def test_random_workloads_keep_the_books_straight(seed: int) -> None:
     assert not sched.has_unfinished()
     assert kv.num_free_blocks == kv.num_blocks
     assert kv.prefix_hits > 0  # the shared prefix was reused
+
+
+def test_a_prefill_cap_chunks_prompts_but_not_decodes() -> None:
+    """max_prefill_tokens limits the prompt tokens of a step; decode tokens do not count."""
+    sched, _, _ = make(num_blocks=256, max_num_batched_tokens=64, max_prefill_tokens=8)
+    seqs = [seq(f"s{i}", 4, base=10 * i) for i in range(12)]
+    for s_ in seqs:
+        sched.add(s_)
+    prompt_tokens, decode_tokens = [], []
+    for _ in range(6):
+        out = sched.schedule()
+        chunks = out.batch.chunks
+        prompt_tokens.append(sum(len(c.token_ids) for c in chunks if c.start_pos < 4))
+        decode_tokens.append(sum(len(c.token_ids) for c in chunks if c.start_pos >= 4))
+        finish_step(sched, out)
+    assert prompt_tokens == [8] * 6  # two 4-token prompts per step
+    assert decode_tokens == [0, 2, 4, 6, 8, 10]  # the earlier ones decode beside them
+    out = sched.schedule()  # every sequence decodes in one step: 12 tokens > the cap of 8
+    assert len(out.scheduled) == 12 and out.num_batched_tokens == 12

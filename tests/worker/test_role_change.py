@@ -120,7 +120,7 @@ async def test_same_role_and_drain_timeout(setup) -> None:
     assert sum(len(o.token_ids) for o in outs) == 200
 
 
-async def test_the_decode_role_has_its_own_step_budget(tiny_llama: Path) -> None:
+async def test_the_decode_role_computes_prompts_in_small_chunks(tiny_llama: Path) -> None:
     rt = Runtime.local()
     sink = KVEventForwarder()
     config = EngineConfig(
@@ -129,15 +129,15 @@ async def test_the_decode_role_has_its_own_step_budget(tiny_llama: Path) -> None
         max_model_len=256,
         num_threads=1,
         max_num_batched_tokens=512,
-        decode_max_num_batched_tokens=16,
+        decode_max_prefill_tokens=16,
     )
     engine = AsyncEngine(config, event_sink=sink)
     await engine.start()
     worker = AggregatedWorker(engine, rt, sink, worker_id="w0", role="decode", load_interval=0)
     await worker.start()
 
-    async def budget() -> int:
-        return await engine.run_on_engine(lambda e: e.scheduler.config.max_num_batched_tokens)
+    async def budget() -> int | None:
+        return await engine.run_on_engine(lambda e: e.scheduler.config.max_prefill_tokens)
 
     try:
         assert await budget() == 16
@@ -146,7 +146,7 @@ async def test_the_decode_role_has_its_own_step_budget(tiny_llama: Path) -> None
         assert sum(len(o.token_ids) for o in outs) == 4
         assert engine.stats().num_steps == 3 + 3
         await worker.switch_role("prefill")
-        assert await budget() == 512
+        assert await budget() is None
         await worker.switch_role("decode")
         assert await budget() == 16
     finally:

@@ -30,11 +30,12 @@ ROUTER_TEMPERATURE_OPTION = typer.Option(
 )
 
 DECODE_BUDGET_OPTION = typer.Option(
-    None,
-    "--decode-max-batched-tokens",
-    min=1,
-    help="Token budget of one step on decode-role workers (default: --max-num-batched-tokens). "
-    "Small steps keep the prompts a decode worker computes itself from stalling its streams.",
+    32,
+    "--decode-max-prefill-tokens",
+    min=0,
+    help="Prompt tokens one step computes on decode-role workers (0: no limit beyond "
+    "--max-num-batched-tokens). Small chunks keep the prompts a decode worker computes itself "
+    "from stalling its streams.",
 )
 KV_HOST_OPTION = typer.Option(
     0.0,
@@ -93,7 +94,7 @@ def _engine_config(**kw: Any) -> Any:
         max_model_len=kw["max_model_len"],
         max_num_seqs=kw["max_num_seqs"],
         max_num_batched_tokens=kw["max_num_batched_tokens"],
-        decode_max_num_batched_tokens=kw["decode_max_batched_tokens"],
+        decode_max_prefill_tokens=kw["decode_max_prefill_tokens"] or None,
         max_waiting=kw["max_waiting"],
         enable_prefix_caching=not kw["no_prefix_caching"],
         num_threads=kw["num_threads"],
@@ -165,7 +166,7 @@ def register(app: typer.Typer) -> None:
         block_size: int = typer.Option(16, help="Tokens per KV block."),
         max_num_seqs: int = typer.Option(256, help="Max requests in a running batch."),
         max_num_batched_tokens: int = typer.Option(2048, help="Token budget of one step."),
-        decode_max_batched_tokens: int = DECODE_BUDGET_OPTION,
+        decode_max_prefill_tokens: int = DECODE_BUDGET_OPTION,
         max_waiting: int = typer.Option(
             4096, help="Queued requests beyond this get 503 + Retry-After."
         ),
@@ -283,7 +284,7 @@ def register(app: typer.Typer) -> None:
         block_size: int = typer.Option(16, help="Tokens per KV block."),
         max_num_seqs: int = typer.Option(256, help="Max requests in a running batch."),
         max_num_batched_tokens: int = typer.Option(2048, help="Token budget of one step."),
-        decode_max_batched_tokens: int = DECODE_BUDGET_OPTION,
+        decode_max_prefill_tokens: int = DECODE_BUDGET_OPTION,
         max_waiting: int = typer.Option(4096, help="Queued requests beyond this are refused."),
         dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
         no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),

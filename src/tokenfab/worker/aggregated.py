@@ -166,12 +166,9 @@ class AggregatedWorker:
         self._tasks.append(asyncio.get_running_loop().create_task(self.blocks.reap()))
 
     async def _apply_role_budget(self) -> None:
-        """The step token budget of this role (EngineConfig.decode_max_num_batched_tokens)."""
-        cfg = self.engine.config
-        budget = cfg.max_num_batched_tokens
-        if self.role == "decode" and cfg.decode_max_num_batched_tokens is not None:
-            budget = cfg.decode_max_num_batched_tokens
-        await self.engine.run_on_engine(lambda e: e.set_step_budget(budget))
+        """The prompt tokens a step of this role computes (EngineConfig.decode_max_prefill_tokens)."""
+        cap = self.engine.config.decode_max_prefill_tokens if self.role == "decode" else None
+        await self.engine.run_on_engine(lambda e: e.set_prefill_budget(cap))
 
     async def start(self) -> None:
         await self._apply_role_budget()
@@ -293,8 +290,8 @@ class AggregatedWorker:
     async def switch_role(self, role: WorkerRole) -> None:
         """Become `role` (called drained: nothing in flight). Every worker serves both
         `generate` (decoding, pulling remote prefills) and `prefill` with its KV data plane
-        up, so only the announced role changes here (and the step budget, see
-        EngineConfig.decode_max_num_batched_tokens): the frontend routes by that role."""
+        up, so only the announced role changes here (and the prefill budget, see
+        EngineConfig.decode_max_prefill_tokens): the frontend routes by that role."""
         self.role = role
         await self._apply_role_budget()
 

@@ -34,6 +34,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     max_waiting: int = 4096
+    max_prefill_tokens: int | None = None
+    """Prompt tokens one step may compute (None: the whole step budget); decode tokens are
+    not counted against it. With chunked prefill off a whole prompt still goes in one step."""
 
 
 @dataclass(slots=True)
@@ -113,6 +116,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        cap = self.config.max_prefill_tokens
+        prefill_budget = budget if cap is None or not self.config.enable_chunked_prefill else cap
         out = SchedulerOutput(StepBatch([]), [])
         scheduled_ids: set[int] = set()
 
@@ -124,17 +129,20 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this step
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._allocate_running(seq, num_new, scheduled_ids, out):
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(remaining, budget if remaining == 1 else min(budget, prefill_budget))
+            if num_new <= 0 or not self._allocate_running(seq, num_new, scheduled_ids, out):
                 continue
             self._add_chunk(out, seq, num_new)
             scheduled_ids.add(id(seq))
             budget -= num_new
+            if remaining > 1:
+                prefill_budget -= num_new
 
         # Admit waiting sequences; none while a preemption happened this step (memory is short).
         while (
             self.waiting
-            and budget > 0
+            and min(budget, prefill_budget) > 0
             and not out.preempted
             and len(self.running) < self.config.max_num_seqs
         ):
@@ -143,10 +151,10 @@ class Scheduler:
             lower = self.kv.find_offloaded_prefix(seq, len(prefix))
             num_computed = (len(prefix) + len(lower)) * self.kv.block_size
             num_new = seq.num_tokens - num_computed
-            if num_new > budget:
+            if num_new > min(budget, prefill_budget):
                 if not self.config.enable_chunked_prefill:
                     break
-                num_new = budget
+                num_new = min(budget, prefill_budget)
             if not self.kv.allocate(seq, num_computed + num_new, prefix):
                 break
             self.waiting.popleft()
@@ -162,6 +170,7 @@ class Scheduler:
                 out.onboard.append(Onboard(len(out.scheduled), len(prefix), lower, ids))
             self._add_chunk(out, seq, num_new)
             budget -= num_new
+            prefill_budget -= num_new
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
 

@@ -335,15 +335,12 @@ class EngineCore:
             self._token_cost_ema = cost if old == 0.0 else 0.7 * old + 0.3 * cost
         self._first_step_seen = True
 
-    def set_step_budget(self, tokens: int) -> None:
-        """Tokens one step may schedule from now on (a worker's role decides it). Without
-        chunked prefill a whole prompt must still fit one step, so the budget only grows."""
-        if tokens < 1:
-            raise ValueError(f"a step budget must be at least 1 token, got {tokens}")
-        cfg = self.scheduler.config
-        cfg.max_num_batched_tokens = (
-            tokens if cfg.enable_chunked_prefill else max(tokens, self.max_model_len)
-        )
+    def set_prefill_budget(self, tokens: int | None) -> None:
+        """Prompt tokens one step may compute from now on (None: the whole step budget); a
+        worker's role decides it."""
+        if tokens is not None and tokens < 1:
+            raise ValueError(f"a prefill budget must be at least 1 token, got {tokens}")
+        self.scheduler.config.max_prefill_tokens = tokens
 
     def expected_step_seconds(self) -> float:
         """How long the step in progress should take (0: none running, or nothing measured):
