@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from waiting import wait_until
 
 from tokenfab.config import EngineConfig, ServerConfig
 from tokenfab.serve.processes import cpu_sets
@@ -35,15 +35,6 @@ def _alive(pid: int) -> bool:
     # a zombie (exited, not yet reaped) counts as gone
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(") ", 1)[1][0] != "Z"
-
-
-def _wait(cond, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def _worker_ids(url: str) -> set[str]:
@@ -77,16 +68,16 @@ def test_crashed_engine_is_restarted_and_service_continues(tiny_llama: Path) -> 
 
         os.kill(pids["worker-0"], signal.SIGKILL)
         # the supervisor notices at once and the pool stops choosing the dead engine
-        assert _wait(lambda: _worker_ids(url) == {"worker-1"}, 30)
+        assert wait_until(lambda: _worker_ids(url) == {"worker-1"}, 30)
         assert [complete() for _ in range(4)] == [5] * 4
         # ... and the engine comes back under its id, in a new process
-        assert _wait(lambda: _worker_ids(url) == {"worker-0", "worker-1"}, 120)
+        assert wait_until(lambda: _worker_ids(url) == {"worker-0", "worker-1"}, 120)
         assert processes.pids()["worker-0"] != pids["worker-0"]
         assert [complete() for _ in range(4)] == [5] * 4
         children = [*processes.pids().values(), nats_pid]
     finally:
         srv.stop()
-    assert _wait(lambda: not any(_alive(p) for p in children), 30), "children left behind"
+    assert wait_until(lambda: not any(_alive(p) for p in children), 30), "children left behind"
 
 
 def test_engine_that_cannot_start_fails_startup_with_its_exit_code(tmp_path: Path) -> None:
@@ -136,7 +127,7 @@ def test_serve_command_stops_cleanly_on_signal(tiny_llama: Path, tmp_path: Path,
             except httpx.HTTPError:
                 return False
 
-        assert _wait(healthy, 120), log.read_text()[-2000:]
+        assert wait_until(healthy, 120), log.read_text()[-2000:]
         body = {"model": tiny_llama.name, "prompt": "hi", "max_tokens": 3}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
@@ -147,7 +138,7 @@ def test_serve_command_stops_cleanly_on_signal(tiny_llama: Path, tmp_path: Path,
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert _wait(lambda: not any(_alive(p) for p in children), 30)
+    assert wait_until(lambda: not any(_alive(p) for p in children), 30)
     text = log.read_text()
     assert "Traceback" not in text and "unexpected EOF" not in text, text[-2000:]
 
@@ -188,7 +179,7 @@ def test_request_moves_to_another_worker_when_its_worker_is_gone(tiny_llama: Pat
             return reg
 
         reg = srv.call(add_vanishing_worker())
-        assert _wait(lambda: len(stack.pool.workers) == 2, 30)  # type: ignore[union-attr]
+        assert wait_until(lambda: len(stack.pool.workers) == 2, 30)  # type: ignore[union-attr]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         model = client.models.list().data[0].id
         for _ in range(6):
@@ -219,7 +210,7 @@ def test_service_recovers_when_its_nats_server_dies(tiny_llama: Path) -> None:
                 return False
             return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
-        assert _wait(answers, 60)
+        assert wait_until(answers, 60)
         assert nats._proc.pid != old_pid and nats.running()
     finally:
         srv.stop()

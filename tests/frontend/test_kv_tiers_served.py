@@ -5,12 +5,12 @@ output is unchanged, and the segment is gone once the server stops."""
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from waiting import wait_until
 
 from tokenfab.config import EngineConfig, ServerConfig
 from tokenfab.kv.host import segment_path
@@ -60,12 +60,12 @@ def test_served_tiers_share_host_memory_and_keep_one_disk_dir_per_worker(
         first = complete(shared)
         for _ in range(4):
             complete(_prompt(rng))
-        assert metric("tokenfab_kv_offloaded_blocks") > 0 or _wait_for(
+        assert metric("tokenfab_kv_offloaded_blocks") > 0 or wait_until(
             lambda: metric("tokenfab_kv_offloaded_blocks") > 0
         )
         again = complete(shared)
         assert again == first
-        assert _wait_for(lambda: metric("tokenfab_kv_onboarded_blocks") >= 11)
+        assert wait_until(lambda: metric("tokenfab_kv_onboarded_blocks") >= 11)
         assert metric("tokenfab_kv_onboard_failed_blocks") == 0
         dirs = sorted(p.name for p in (tmp_path / "kv").iterdir() if p.is_dir())
         assert dirs == ["worker-0", "worker-1"]
@@ -74,15 +74,6 @@ def test_served_tiers_share_host_memory_and_keep_one_disk_dir_per_worker(
     assert not segment.exists()
     # G3 outlives the server: the engines wrote their cached blocks back at shutdown.
     assert any((tmp_path / "kv" / "worker-0").glob("*.kve"))
-
-
-def _wait_for(cond, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def _metric(url: str, name: str) -> float:

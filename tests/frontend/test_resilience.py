@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from waiting import wait_until
 
 from tokenfab.config import EngineConfig, ServerConfig
 from tokenfab.serve.server import ServerThread
@@ -94,15 +95,6 @@ def _metric(url: str, name: str, **labels: str) -> float:
     return total
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 @pytest.fixture(scope="module")
 def baseline(tiny_llama: Path) -> list[list[str]]:
     """The undisturbed greedy tokens of the 16 streams."""
@@ -137,7 +129,7 @@ def test_sigstop_hang_is_detected_its_streams_finish_elsewhere_and_sigcont_rejoi
         print(f"SIGSTOP detected after {found[0] - stopped[0]:.2f}s: {pool.incidents}")
         assert _metric(url, "tokenfab_request_migrations_total") >= 1
         # Resumed, it serves again: round-robin sends it new requests that succeed.
-        assert _wait(lambda: bool(pool.health.routable(["worker-0"])), 30)
+        assert wait_until(lambda: bool(pool.health.routable(["worker-0"])), 30)
         before = _metric(url, "tokenfab_router_decisions_total", worker="worker-0")
         assert Run(url, max_tokens=8)() == [t[:8] for t in baseline]
         assert _metric(url, "tokenfab_router_decisions_total", worker="worker-0") > before
@@ -156,7 +148,7 @@ def test_nan_logits_quarantine_the_worker_and_no_nan_reaches_a_client(
         assert srv.stack is not None and srv.stack.pool is not None
         pool = srv.stack.pool
         assert Run(url)() == baseline
-        assert _wait(lambda: pool.health.drained("worker-1") is not None, 10)
+        assert wait_until(lambda: pool.health.drained("worker-1") is not None, 10)
         drain = pool.health.drained("worker-1")
         assert drain is not None and drain.reason == "quarantined" and "NaN" in drain.detail
         assert _metric(url, "tokenfab_request_migrations_total") >= 1
@@ -177,7 +169,7 @@ def test_canary_catches_silently_wrong_logits(tiny_llama: Path) -> None:
         assert srv.stack is not None and srv.stack.pool is not None
         pool = srv.stack.pool
         Run(url, max_tokens=8)()  # ~30 steps of load: worker-1 goes bad
-        assert _wait(lambda: pool.health.drained("worker-1") is not None, 30)
+        assert wait_until(lambda: pool.health.drained("worker-1") is not None, 30)
         drain = pool.health.drained("worker-1")
         assert drain is not None and drain.reason == "canary"
         assert pool.health.drained("worker-0") is None
@@ -229,7 +221,7 @@ def test_a_hot_spare_stays_idle_then_takes_over_a_killed_worker(
         pool, processes = srv.stack.pool, srv.stack.processes
         ids = ["worker-0", "worker-1", "worker-2"]
         assert sorted(processes.pids()) == ids
-        assert _wait(lambda: len(pool.workers) == 3, 30)
+        assert wait_until(lambda: len(pool.workers) == 3, 30)
         serving = pool.health.routable(ids)
         assert len(serving) == 2
         (spare,) = set(ids) - set(serving)  # whichever registered last
