@@ -17,10 +17,20 @@ uncached prompt tokens as queued prefill, its new blocks as active. They go away
 "The worker's reports must include it" = a second load report from that worker arrived after the
 route: the first may have been sent before the request got there, the second cannot have been
 (reports are periodic), so counting it further would count it twice.
+
+Scoring at fleet scale. A worker holding nothing of the prompt (no G1 match, pending or cached,
+no lower-tier blocks) costs overlap_weight * (prompt + queued prefill) + active + own blocks:
+among such workers the order depends on their load alone. So the router keeps every worker in a
+list sorted by that load (updated when a load changes) and, at temperature 0, scores only the
+workers holding part of the prompt plus the least loaded others up to the best cost (and those
+within rounding of it, for the ties): the same decision and random draws as scoring every worker
+(`scoring.choose`), at a cost that does not grow with the fleet. `full_scores` (or a temperature
+> 0, whose softmax needs every cost) scores every worker.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,7 +40,16 @@ from typing import Literal
 from tokenfab.clock import Clock
 from tokenfab.protocol import BlockStored, KVEventBatch, KVSnapshot, LoadReport, WorkerInfo
 from tokenfab.router.index import FIRST_EVENT_ID, KVIndex
-from tokenfab.router.scoring import TIER_COST, WorkerLoad, WorkerScore, choose
+from tokenfab.router.scoring import (
+    TIER_COST,
+    WorkerLoad,
+    WorkerScore,
+    choose,
+    decode_blocks,
+    prefill_blocks,
+    sample_index,
+    tied_best,
+)
 
 Policy = Literal["kv", "round_robin", "random", "least_loaded"]
 POLICIES: tuple[Policy, ...] = ("kv", "round_robin", "random", "least_loaded")
@@ -54,6 +73,10 @@ class RouterConfig:
     """Tokens per KV block; None: taken from the workers' WorkerInfo (which must agree)."""
     first_event_id: int = FIRST_EVENT_ID
     """Id of a worker's first KV event (a new worker starting later needs a snapshot)."""
+    full_scores: bool = False
+    """kv policy: score every candidate on every route and return the scores in
+    `RouteDecision.scores` (for logging and tests; costs O(workers) per route). Off: only the
+    workers that can win are scored (same decisions) and `scores` is empty."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -80,7 +103,8 @@ class RouteDecision:
     predicted_hit_tokens: int
     """Prompt tokens the worker should find cached (the engine always computes the last one)."""
     scores: tuple[WorkerScore, ...] = ()
-    """Every candidate's cost and probability (kv policy only), sorted by worker id."""
+    """Every candidate's cost and probability, sorted by worker id (kv policy with
+    `RouterConfig.full_scores`, or a temperature > 0; else empty)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +150,7 @@ class _Pending:
 
 @dataclass(slots=True)
 class _WorkerView:
+    worker_id: str
     info: WorkerInfo
     bit: int
     report: LoadReport = field(default_factory=LoadReport)
@@ -139,6 +164,13 @@ class _WorkerView:
     """Pending block hash -> the request that made it pending."""
     unreported: OrderedDict[str, None] = field(default_factory=OrderedDict)
     """Requests whose load still counts as pending, in route order."""
+    order: _LoadKey | None = None
+    """This worker's entry in the router's load-sorted list (None: not in it)."""
+
+
+_LoadKey = tuple[float, int, int, str]
+"""(overlap_weight * queued prefill blocks + active blocks, requests, active blocks, worker id):
+a worker's place among those that hold nothing of a prompt (see the module docstring)."""
 
 
 class Router:
@@ -154,6 +186,10 @@ class Router:
         """In route order, so the TTL backstop only looks at the front."""
         self._overlay: dict[int, int] = {}
         """Pending block hash -> mask of the workers it is pending on (the index's bits)."""
+        self._by_load: list[_LoadKey] = []
+        """Every worker's `_LoadKey`, sorted: the least loaded first."""
+        self._names: list[str] = []
+        """Worker ids, sorted."""
         self._round_robin = 0
         self._decisions: dict[str, int] = {}
         self._predicted_hit_blocks = 0
@@ -176,7 +212,7 @@ class Router:
         return None
 
     def workers(self) -> list[str]:
-        return sorted(self._workers)
+        return list(self._names)
 
     def add_worker(self, worker_id: str, info: WorkerInfo) -> None:
         """Register (or update) a worker. Raises ValueError if its block size differs from the
@@ -190,8 +226,12 @@ class Router:
         view = self._workers.get(worker_id)
         if view is not None:
             view.info = info
+            self._reorder(view)
             return
-        self._workers[worker_id] = _WorkerView(info=info, bit=self._index.worker_bit(worker_id))
+        view = _WorkerView(worker_id, info=info, bit=self._index.worker_bit(worker_id))
+        self._workers[worker_id] = view
+        bisect.insort(self._names, worker_id)
+        self._reorder(view)
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget the worker at once: its index entries, load and pending requests."""
@@ -200,6 +240,10 @@ class Router:
         self._index.remove_worker(worker_id)
         if view is None:
             return
+        del self._names[bisect.bisect_left(self._names, worker_id)]
+        if view.order is not None:
+            del self._by_load[bisect.bisect_left(self._by_load, view.order)]
+            view.order = None
         for rec in [r for r in self._pending.values() if r.worker_id == worker_id]:
             del self._pending[rec.request_id]
         keep = ~view.bit
@@ -250,6 +294,7 @@ class Router:
                 break
             self._release_load(rec)
             self._forget_if_done(rec)
+        self._reorder(view)
 
     def workers_needing_resync(self) -> list[str]:
         return [w for w in self._index.workers_needing_resync() if w in self._workers]
@@ -299,19 +344,25 @@ class Router:
         policy = self.config.policy
         if policy == "kv":
             lower = self._index.find_lower_matches(hashes, matched, TIER_COST)
-            loads = [
-                self._load(w, matched.get(w, 0), cached.get(w, 0), lower.get(w, (0, 0.0)))
-                for w in names
-            ]
-            decision = choose(
-                loads,
-                num_prompt_tokens,
-                block_size,
-                self._rng,
-                self.config.overlap_weight,
-                self.config.temperature,
-            )
-            worker, scores = decision.worker_id, decision.scores
+            if self.config.full_scores or self.config.temperature > 0:
+                loads = [
+                    self._load(w, matched.get(w, 0), cached.get(w, 0), lower.get(w, (0, 0.0)))
+                    for w in names
+                ]
+                decision = choose(
+                    loads,
+                    num_prompt_tokens,
+                    block_size,
+                    self._rng,
+                    self.config.overlap_weight,
+                    self.config.temperature,
+                )
+                worker, scores = decision.worker_id, decision.scores
+            else:
+                allowed = None if candidates is None else set(names)
+                worker = self._choose_kv(
+                    allowed, matched, cached, lower, num_prompt_tokens, block_size
+                )
         elif policy == "round_robin":
             worker = names[self._round_robin % len(names)]
             self._round_robin += 1
@@ -366,7 +417,7 @@ class Router:
 
     def _candidates(self, candidates: Sequence[str] | None) -> list[str]:
         if candidates is None:
-            names = sorted(self._workers)
+            names = self._names
         else:
             names = sorted({w for w in candidates if w in self._workers})
         if not names:
@@ -397,6 +448,106 @@ class Router:
             lower_overlap_blocks=lower[0],
             lower_overlap_cost=lower[1],
         )
+
+    def _choose_kv(
+        self,
+        allowed: set[str] | None,
+        matched: dict[str, int],
+        cached: dict[str, int],
+        lower: dict[str, tuple[int, float]],
+        num_prompt_tokens: int,
+        block_size: int,
+    ) -> str:
+        """`scoring.choose` at temperature 0 over the candidates (`allowed`; None: every
+        worker), scoring only those that can win.
+
+        A worker's cost is first estimated from its `_LoadKey` (the same terms summed in
+        another order, so equal up to rounding): for each worker holding part of the prompt,
+        then for the others least loaded first until the estimate passes the best one by a
+        margin. The margin (1e-6 relative) is far wider than `choose`'s tie tolerance (1e-9)
+        plus the rounding, so the workers within it include every one tied with the best; they
+        get `scoring`'s exact cost and tie rules, and the random draw among the tied (in worker
+        id order) is `choose`'s."""
+        weight = self.config.overlap_weight
+        n = num_prompt_tokens
+        own = -(-n // block_size)
+        workers = self._workers
+        held = matched.keys() | lower.keys() if lower else matched.keys()
+        # (estimated cost, workers sharing it, matched, cached, lower-tier match)
+        near: list[tuple[float, list[str], int, int, tuple[int, float] | None]] = []
+        best = float("inf")
+        for w in held:
+            if allowed is not None and w not in allowed:
+                continue
+            m, c = matched.get(w, 0), cached.get(w, 0)
+            lo = lower.get(w) if lower else None
+            if m == c and lo is None:
+                key = workers[w].order
+                assert key is not None
+                cost = weight * (max(0, n - m * block_size) / block_size) + key[0] + max(0, own - m)
+            else:  # pending or lower-tier blocks: the exact cost (rare)
+                load = self._load(w, m, c, lo or (0, 0.0))
+                prefill = prefill_blocks(load, n, block_size)
+                cost = weight * prefill + decode_blocks(load, n, block_size)
+            near.append((cost, [w], m, c, lo))
+            best = min(best, cost)
+        # The others, least loaded first, a run of equal loads at a time (they cost the same;
+        # idle workers: often hundreds).
+        by_load = self._by_load
+        base = weight * (n / block_size) + own
+        i = 0
+        while i < len(by_load):
+            key = by_load[i]
+            cost = base + key[0]
+            if cost > best + 1e-6 * max(best, 1.0):
+                break  # every later worker costs at least this (up to rounding)
+            end = bisect.bisect_left(by_load, (key[0], key[1], key[2] + 1), i + 1)
+            run = [
+                k[3]
+                for k in by_load[i:end]
+                if k[3] not in held and (allowed is None or k[3] in allowed)
+            ]
+            i = end
+            if run:
+                near.append((cost, run, 0, 0, None))
+                best = min(best, cost)
+        limit = best + 1e-6 * max(best, 1.0)
+        # Exact costs (scoring's formulas) of the workers near the best, once per run.
+        costs: list[float] = []
+        load_keys: list[tuple[int, int]] = []
+        runs: list[list[str]] = []
+        for cost, run, m, c, lo in near:
+            if cost > limit:
+                continue
+            load = self._load(run[0], m, c, lo or (0, 0.0))
+            prefill = prefill_blocks(load, n, block_size)
+            costs.append(weight * prefill + decode_blocks(load, n, block_size))
+            load_keys.append((load.num_requests, load.active_blocks))
+            runs.append(run)
+        tied = sorted(w for i in tied_best(costs, load_keys) for w in runs[i])
+        if len(tied) == 1:
+            return tied[0]
+        return tied[sample_index([1.0 / len(tied)] * len(tied), self._rng)]
+
+    def _reorder(self, view: _WorkerView) -> None:
+        """Move the worker to its place in `_by_load` after its load changed."""
+        report = view.report
+        active = report.kv_blocks_used + view.pending_active_blocks
+        queued = report.queued_prefill_tokens + view.pending_prefill_tokens
+        key = (
+            self.config.overlap_weight * (queued / view.info.block_size) + active,
+            report.running + report.waiting + view.pending_requests,
+            active,
+            view.worker_id,
+        )
+        old = view.order
+        if key == old:
+            return
+        by_load = self._by_load
+        if old is not None:
+            del by_load[bisect.bisect_left(by_load, old)]
+        bisect.insort(by_load, key)
+        view.order = key
 
     def _least_loaded(self, names: list[str]) -> str:
         def key(worker_id: str) -> tuple[int, int]:
@@ -442,6 +593,7 @@ class Router:
         view.pending_active_blocks += rec.active_blocks
         view.pending_requests += 1
         view.unreported[request_id] = None
+        self._reorder(view)
 
     def _confirm(self, view: _WorkerView, hashes: Sequence[int]) -> None:
         """The worker now caches these blocks: they stop being pending there, and, being
@@ -461,6 +613,7 @@ class Router:
                 view.pending_prefill_tokens -= done
                 rec.unconfirmed -= 1
                 self._forget_if_done(rec)
+        self._reorder(view)
 
     def _clear_overlay(self, block_hash: int, keep: int) -> None:
         mask = self._overlay.get(block_hash, 0) & keep
@@ -473,6 +626,7 @@ class Router:
         view = self._workers[rec.worker_id]
         view.pending_prefill_tokens -= rec.prefill_tokens
         rec.prefill_tokens = 0
+        self._reorder(view)
 
     def _release_load(self, rec: _Pending) -> None:
         if rec.load_released:
@@ -484,6 +638,7 @@ class Router:
         view.pending_requests -= 1
         view.unreported.pop(rec.request_id, None)
         rec.load_released = True
+        self._reorder(view)
 
     def _forget_if_done(self, rec: _Pending) -> None:
         if rec.load_released and rec.unconfirmed <= 0:
