@@ -16,7 +16,7 @@ from tokenfab.router import Router, RouterConfig
 
 BS = 16
 INFO = WorkerInfo(model="m", max_model_len=8192, block_size=BS)
-TIERS = ("device", "device", "device", "host", "disk", "remote")
+LOWER_TIERS = ("host", "disk", "remote")
 
 
 class Twin:
@@ -63,9 +63,12 @@ class Twin:
         self.both("on_kv_events", KVEventBatch(worker_id=worker, events=events))
 
 
-def _drive(twin: Twin, rng: random.Random, routes: int, max_workers: int) -> int:
+def _drive(
+    twin: Twin, rng: random.Random, routes: int, max_workers: int, tiers: bool = False
+) -> int:
     """Random inputs until `routes` routes were compared; returns how many had a tie that
-    the random draw settled (so the test knows ties were exercised)."""
+    the random draw settled (so the test knows ties were exercised). `tiers`: some events
+    store blocks in lower tiers (the router then scores every worker)."""
     prefixes = [[rng.getrandbits(62) for _ in range(rng.randrange(1, 12))] for _ in range(12)]
     for i in range(max_workers // 2):
         twin.add(f"w{i:03d}")
@@ -103,7 +106,8 @@ def _drive(twin: Twin, rng: random.Random, routes: int, max_workers: int) -> int
             stored = [rng.choice(prefixes)[: rng.randrange(1, 12)] for _ in range(rng.randrange(3))]
             cached = [h for p in prefixes for h in p]
             removed = rng.sample(cached, rng.randrange(0, 4))
-            twin.events(w, stored, removed, rng.choice(TIERS))
+            tier = rng.choice(LOWER_TIERS) if tiers and rng.random() < 0.3 else "device"
+            twin.events(w, stored, removed, tier)
         elif op < 0.75:
             w = rng.choice(workers)
             # Small loads, often equal across workers: many exact ties in cost and load.
@@ -141,6 +145,12 @@ def test_fast_kv_routing_makes_the_full_scoring_decisions(overlap_weight: float,
 def test_fast_kv_routing_at_a_hundred_workers() -> None:
     twin = Twin(1.0, 7)
     assert _drive(twin, random.Random(7), routes=1000, max_workers=200) > 20
+
+
+def test_lower_tiers_fall_back_to_scoring_every_worker() -> None:
+    twin = Twin(1.0, 8)
+    assert _drive(twin, random.Random(8), routes=500, max_workers=20, tiers=True) > 5
+    assert twin.fast.index.has_lower_tiers
 
 
 def test_load_order_follows_every_load_change() -> None:

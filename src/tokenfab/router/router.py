@@ -31,10 +31,13 @@ within rounding of it, for the ties): the same decision and random draws as scor
 from __future__ import annotations
 
 import bisect
+import functools
+import operator
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Literal
 
 from tokenfab.clock import Clock
@@ -47,8 +50,8 @@ from tokenfab.router.scoring import (
     choose,
     decode_blocks,
     prefill_blocks,
-    sample_index,
     tied_best,
+    uniform_index,
 )
 
 Policy = Literal["kv", "round_robin", "random", "least_loaded"]
@@ -168,6 +171,18 @@ class _WorkerView:
     """This worker's entry in the router's load-sorted list (None: not in it)."""
 
 
+_SMALL_CLASS = 16
+"""Workers matching a prompt equally deep, at most this many: estimated one by one."""
+
+
+def _depth(rows: list[tuple[int, int]], bit: int) -> int:
+    """The match depth of the worker with this bit, from `KVIndex.match_rows`."""
+    for d, mask in rows:
+        if mask & bit:
+            return d
+    return 0
+
+
 _LoadKey = tuple[float, int, int, str]
 """(overlap_weight * queued prefill blocks + active blocks, requests, active blocks, worker id):
 a worker's place among those that hold nothing of a prompt (see the module docstring)."""
@@ -190,6 +205,8 @@ class Router:
         """Every worker's `_LoadKey`, sorted: the least loaded first."""
         self._names: list[str] = []
         """Worker ids, sorted."""
+        self._all_bits = 0
+        """Every worker's index bit."""
         self._round_robin = 0
         self._decisions: dict[str, int] = {}
         self._predicted_hit_blocks = 0
@@ -231,6 +248,7 @@ class Router:
         view = _WorkerView(worker_id, info=info, bit=self._index.worker_bit(worker_id))
         self._workers[worker_id] = view
         bisect.insort(self._names, worker_id)
+        self._all_bits |= view.bit
         self._reorder(view)
 
     def remove_worker(self, worker_id: str) -> None:
@@ -241,6 +259,7 @@ class Router:
         if view is None:
             return
         del self._names[bisect.bisect_left(self._names, worker_id)]
+        self._all_bits &= ~view.bit
         if view.order is not None:
             del self._by_load[bisect.bisect_left(self._by_load, view.order)]
             view.order = None
@@ -337,14 +356,21 @@ class Router:
                 f"{len(hashes)} block hashes cover more than the prompt's {num_prompt_tokens} "
                 f"tokens: were they computed with block_size {block_size}?"
             )
-        cached = self._index.find_matches(hashes)
-        matched = self._index.find_matches(hashes, self._overlay) if self._overlay else cached
-
         scores: tuple[WorkerScore, ...] = ()
         policy = self.config.policy
-        if policy == "kv":
-            lower = self._index.find_lower_matches(hashes, matched, TIER_COST)
-            if self.config.full_scores or self.config.temperature > 0:
+        index = self._index
+        if policy == "kv" and not (
+            self.config.full_scores or self.config.temperature > 0 or index.has_lower_tiers
+        ):
+            allowed = None if candidates is None else set(names)
+            worker, overlap, cached_blocks = self._choose_kv(
+                allowed, hashes, num_prompt_tokens, block_size
+            )
+        else:
+            cached = index.find_matches(hashes)
+            matched = index.find_matches(hashes, self._overlay) if self._overlay else cached
+            if policy == "kv":
+                lower = index.find_lower_matches(hashes, matched, TIER_COST)
                 loads = [
                     self._load(w, matched.get(w, 0), cached.get(w, 0), lower.get(w, (0, 0.0)))
                     for w in names
@@ -358,20 +384,15 @@ class Router:
                     self.config.temperature,
                 )
                 worker, scores = decision.worker_id, decision.scores
+            elif policy == "round_robin":
+                worker = names[self._round_robin % len(names)]
+                self._round_robin += 1
+            elif policy == "random":
+                worker = self._rng.choice(names)
             else:
-                allowed = None if candidates is None else set(names)
-                worker = self._choose_kv(
-                    allowed, matched, cached, lower, num_prompt_tokens, block_size
-                )
-        elif policy == "round_robin":
-            worker = names[self._round_robin % len(names)]
-            self._round_robin += 1
-        elif policy == "random":
-            worker = self._rng.choice(names)
-        else:
-            worker = self._least_loaded(names)
+                worker = self._least_loaded(names)
+            overlap, cached_blocks = matched.get(worker, 0), cached.get(worker, 0)
 
-        overlap = matched.get(worker, 0)
         self._add_pending(request_id, worker, hashes, overlap, num_prompt_tokens, block_size)
         self._decisions[worker] = self._decisions.get(worker, 0) + 1
         self._predicted_hit_blocks += overlap
@@ -381,7 +402,7 @@ class Router:
             worker_id=worker,
             policy=policy,
             overlap_blocks=overlap,
-            cached_blocks=cached.get(worker, 0),
+            cached_blocks=cached_blocks,
             predicted_hit_tokens=max(0, min(overlap * block_size, num_prompt_tokens - 1)),
             scores=scores,
         )
@@ -452,82 +473,137 @@ class Router:
     def _choose_kv(
         self,
         allowed: set[str] | None,
-        matched: dict[str, int],
-        cached: dict[str, int],
-        lower: dict[str, tuple[int, float]],
+        hashes: Sequence[int],
         num_prompt_tokens: int,
         block_size: int,
-    ) -> str:
-        """`scoring.choose` at temperature 0 over the candidates (`allowed`; None: every
-        worker), scoring only those that can win.
+    ) -> tuple[str, int, int]:
+        """`scoring.choose` at temperature 0 without lower tiers, over the candidates
+        (`allowed`; None: every worker), scoring only the workers that can win. Returns the
+        worker, its overlap (cached or pending) and its cached blocks.
 
-        A worker's cost is first estimated from its `_LoadKey` (the same terms summed in
-        another order, so equal up to rounding): for each worker holding part of the prompt,
-        then for the others least loaded first until the estimate passes the best one by a
-        margin. The margin (1e-6 relative) is far wider than `choose`'s tie tolerance (1e-9)
-        plus the rounding, so the workers within it include every one tied with the best; they
-        get `scoring`'s exact cost and tie rules, and the random draw among the tied (in worker
-        id order) is `choose`'s."""
+        The index's match comes as rows (depth, mask of the workers matching that deep), not
+        per worker. A worker matching d blocks, none of them pending, costs
+        `g(d) + load key` (g: the prompt's terms, falling with d; load key: `_LoadKey[0]`), the
+        same terms as `scoring`'s summed in another order, so equal up to rounding. The workers
+        are walked least loaded first (runs of equal loads at once: idle workers, often
+        hundreds) until even the deepest match could not bring one within a margin of the best
+        cost; workers with pending blocks of the prompt (few) are scored apart. The margin
+        (1e-6 relative) is far wider than `choose`'s tie tolerance (1e-9) plus the rounding,
+        so the workers within it include every one tied with the best. Those get `scoring`'s
+        exact cost and tie rules, and the random draw among the tied (in worker id order) is
+        `choose`'s."""
+        index = self._index
         weight = self.config.overlap_weight
         n = num_prompt_tokens
         own = -(-n // block_size)
-        workers = self._workers
-        held = matched.keys() | lower.keys() if lower else matched.keys()
-        # (estimated cost, workers sharing it, matched, cached, lower-tier match)
-        near: list[tuple[float, list[str], int, int, tuple[int, float] | None]] = []
+        rows = index.match_rows(hashes)
+        # Workers with a block of the prompt pending: their match counts it (a second walk).
+        overlay = self._overlay
+        pending_mask = 0
+        if overlay and not overlay.keys().isdisjoint(hashes):
+            pending_mask = functools.reduce(operator.or_, map(overlay.get, hashes, repeat(0)))
+        rows_pending = index.match_rows(hashes, overlay) if pending_mask else rows
+
+        def g(d: int) -> float:
+            """The prompt's terms of the cost at match depth d (d <= its full blocks)."""
+            return weight * ((n - d * block_size) / block_size) + (own - d)
+
+        # (estimated cost, workers sharing it, matched, cached)
+        near: list[tuple[float, list[str], int, int]] = []
         best = float("inf")
-        for w in held:
-            if allowed is not None and w not in allowed:
+        workers = self._workers
+        special: set[str] = set()
+        """Workers with a pending block of the prompt: scored exactly, apart."""
+        for w in index.workers_of(pending_mask):
+            if w not in workers or (allowed is not None and w not in allowed):
                 continue
-            m, c = matched.get(w, 0), cached.get(w, 0)
-            lo = lower.get(w) if lower else None
-            if m == c and lo is None:
+            special.add(w)
+            bit = workers[w].bit
+            m, c = _depth(rows_pending, bit), _depth(rows, bit)
+            load = self._load(w, m, c)
+            cost = weight * prefill_blocks(load, n, block_size) + decode_blocks(load, n, block_size)
+            near.append((cost, [w], m, c))
+            best = min(best, cost)
+        # The others by match depth: one class per row, and depth 0 (matching nothing). A
+        # small class's workers are estimated one by one; the big ones' are found by walking
+        # the load order, where a big class's least loaded member comes soon.
+        live = self._all_bits
+        union = 0
+        classes: list[tuple[int, int]] = []
+        for d, mask in rows:
+            union |= mask
+            classes.append((d, mask & live))
+        classes.append((0, live & ~union))
+        big: list[tuple[int, int]] = []
+        skip = set(special)
+        for d, mask in classes:
+            if mask.bit_count() > _SMALL_CLASS:
+                big.append((d, mask))
+                continue
+            members = index.workers_of(mask)
+            skip |= members
+            gd = g(d)
+            for w in members:
+                if w in special or (allowed is not None and w not in allowed):
+                    continue
                 key = workers[w].order
                 assert key is not None
-                cost = weight * (max(0, n - m * block_size) / block_size) + key[0] + max(0, own - m)
-            else:  # pending or lower-tier blocks: the exact cost (rare)
-                load = self._load(w, m, c, lo or (0, 0.0))
-                prefill = prefill_blocks(load, n, block_size)
-                cost = weight * prefill + decode_blocks(load, n, block_size)
-            near.append((cost, [w], m, c, lo))
-            best = min(best, cost)
-        # The others, least loaded first, a run of equal loads at a time (they cost the same;
-        # idle workers: often hundreds).
+                cost = gd + key[0]
+                near.append((cost, [w], d, d))
+                best = min(best, cost)
         by_load = self._by_load
-        base = weight * (n / block_size) + own
+        floor = min((g(d) for d, _ in big), default=0.0)
+        """The lowest g of a big class's worker."""
         i = 0
-        while i < len(by_load):
+        total = len(by_load) if big else 0
+        while i < total:
             key = by_load[i]
-            cost = base + key[0]
-            if cost > best + 1e-6 * max(best, 1.0):
-                break  # every later worker costs at least this (up to rounding)
-            end = bisect.bisect_left(by_load, (key[0], key[1], key[2] + 1), i + 1)
-            run = [
-                k[3]
-                for k in by_load[i:end]
-                if k[3] not in held and (allowed is None or k[3] in allowed)
-            ]
+            if floor + key[0] > best + 1e-6 * max(best, 1.0):
+                break  # no later worker can come within the margin
+            end = i + 1
+            if end < total and by_load[end][:3] == key[:3]:
+                # A run of equal loads (idle workers: often hundreds), at once.
+                end = bisect.bisect_left(by_load, (key[0], key[1], key[2] + 1), end)
+            names = [k[3] for k in by_load[i:end] if k[3] not in skip]
             i = end
-            if run:
-                near.append((cost, run, 0, 0, None))
+            if allowed is not None:
+                names = [w for w in names if w in allowed]
+            if not names:
+                continue
+            if len(big) == 1:
+                runs = {big[0][0]: names}
+            else:
+                runs = {}
+                for w in names:
+                    bit = workers[w].bit
+                    d = next(d for d, mask in big if mask & bit)
+                    if d in runs:
+                        runs[d].append(w)
+                    else:
+                        runs[d] = [w]
+            for d, run in runs.items():
+                cost = g(d) + key[0]
+                near.append((cost, run, d, d))
                 best = min(best, cost)
         limit = best + 1e-6 * max(best, 1.0)
         # Exact costs (scoring's formulas) of the workers near the best, once per run.
         costs: list[float] = []
         load_keys: list[tuple[int, int]] = []
-        runs: list[list[str]] = []
-        for cost, run, m, c, lo in near:
+        picks: list[tuple[list[str], int, int]] = []
+        for cost, run, m, c in near:
             if cost > limit:
                 continue
-            load = self._load(run[0], m, c, lo or (0, 0.0))
+            load = self._load(run[0], m, c)
             prefill = prefill_blocks(load, n, block_size)
             costs.append(weight * prefill + decode_blocks(load, n, block_size))
             load_keys.append((load.num_requests, load.active_blocks))
-            runs.append(run)
-        tied = sorted(w for i in tied_best(costs, load_keys) for w in runs[i])
-        if len(tied) == 1:
-            return tied[0]
-        return tied[sample_index([1.0 / len(tied)] * len(tied), self._rng)]
+            picks.append((run, m, c))
+        tied = tied_best(costs, load_keys)
+        if len(tied) == 1 and len(picks[tied[0]][0]) == 1:
+            run, m, c = picks[tied[0]]
+            return run[0], m, c
+        names = sorted((w, m, c) for i in tied for w in picks[i][0] for m, c in [picks[i][1:]])
+        return names[uniform_index(len(names), self._rng)]
 
     def _reorder(self, view: _WorkerView) -> None:
         """Move the worker to its place in `_by_load` after its load changed."""
@@ -600,20 +676,31 @@ class Router:
         computed, stop counting as queued prefill."""
         owned = view.pending_hashes
         keep = ~view.bit
-        block_size = view.info.block_size
+        overlay = self._overlay
+        confirmed: dict[str, int] = {}
+        """Request -> its blocks confirmed here (an event's blocks: mostly one request's)."""
         for h in hashes:
             request_id = owned.pop(h, None)
             if request_id is None:
                 continue
-            self._clear_overlay(h, keep)
+            mask = overlay.get(h, 0) & keep
+            if mask:
+                overlay[h] = mask
+            else:
+                overlay.pop(h, None)
+            confirmed[request_id] = confirmed.get(request_id, 0) + 1
+        block_size = view.info.block_size
+        for request_id, blocks in confirmed.items():
             rec = self._pending.get(request_id)
             if rec is not None:
-                done = min(block_size, rec.prefill_tokens)
+                # A block's worth of prompt per block computed (as one block at a time would).
+                done = min(blocks * block_size, rec.prefill_tokens)
                 rec.prefill_tokens -= done
                 view.pending_prefill_tokens -= done
-                rec.unconfirmed -= 1
+                rec.unconfirmed -= blocks
                 self._forget_if_done(rec)
-        self._reorder(view)
+        if confirmed:
+            self._reorder(view)
 
     def _clear_overlay(self, block_hash: int, keep: int) -> None:
         mask = self._overlay.get(block_hash, 0) & keep

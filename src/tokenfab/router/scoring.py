@@ -179,3 +179,18 @@ def sample_index(probs: Sequence[float], rng: random.Random) -> int:
         if x < acc:
             return i
     return nonzero[-1]
+
+
+def uniform_index(n: int, rng: random.Random) -> int:
+    """`sample_index` over n equal probabilities (1/n each, summed in the same order, so the
+    same draw gives the same index), without building them."""
+    if n == 1:
+        return 0
+    x = rng.random()
+    p = 1.0 / n
+    acc = 0.0
+    for i in range(n):
+        acc += p
+        if x < acc:
+            return i
+    return n - 1
