@@ -18,14 +18,17 @@ uncached prompt tokens as queued prefill, its new blocks as active. They go away
 route: the first may have been sent before the request got there, the second cannot have been
 (reports are periodic), so counting it further would count it twice.
 
-Scoring at fleet scale. A worker holding nothing of the prompt (no G1 match, pending or cached,
-no lower-tier blocks) costs overlap_weight * (prompt + queued prefill) + active + own blocks:
-among such workers the order depends on their load alone. So the router keeps every worker in a
-list sorted by that load (updated when a load changes) and, at temperature 0, scores only the
-workers holding part of the prompt plus the least loaded others up to the best cost (and those
-within rounding of it, for the ties): the same decision and random draws as scoring every worker
-(`scoring.choose`), at a cost that does not grow with the fleet. `full_scores` (or a temperature
-> 0, whose softmax needs every cost) scores every worker.
+Scoring at fleet scale. Workers matching a prompt equally deep (d leading blocks, none of them
+pending there, no lower-tier blocks) differ in cost only by their load: cost = g(d) + the
+worker's load term (overlap_weight * queued prefill blocks + active blocks), g falling with d.
+So the router keeps every worker in a list sorted by that load (updated when a load changes),
+takes the index's match as rows (depth, mask of workers) rather than per worker, and, at
+temperature 0, estimates only: the members of small depth classes, the least loaded members of
+big ones (found walking the sorted list), and workers with pending blocks of the prompt. Those
+near the best get `scoring`'s exact cost and tie rules: the same decision and random draws as
+scoring every worker (`scoring.choose`), at a cost that grows with the number of distinct match
+depths, not of workers. `full_scores`, a temperature > 0 (its softmax needs every cost) and lower
+tiers (`find_lower_matches` is per worker) score every worker.
 """
 
 from __future__ import annotations
@@ -481,15 +484,15 @@ class Router:
         (`allowed`; None: every worker), scoring only the workers that can win. Returns the
         worker, its overlap (cached or pending) and its cached blocks.
 
-        The index's match comes as rows (depth, mask of the workers matching that deep), not
-        per worker. A worker matching d blocks, none of them pending, costs
-        `g(d) + load key` (g: the prompt's terms, falling with d; load key: `_LoadKey[0]`), the
-        same terms as `scoring`'s summed in another order, so equal up to rounding. The workers
-        are walked least loaded first (runs of equal loads at once: idle workers, often
-        hundreds) until even the deepest match could not bring one within a margin of the best
-        cost; workers with pending blocks of the prompt (few) are scored apart. The margin
-        (1e-6 relative) is far wider than `choose`'s tie tolerance (1e-9) plus the rounding,
-        so the workers within it include every one tied with the best. Those get `scoring`'s
+        The index's match comes as rows (depth, mask of the workers matching that deep). A
+        worker matching d blocks, none of them pending, costs about `g(d) + _LoadKey[0]` (the
+        same terms as `scoring`'s summed in another order, so equal up to rounding). Per depth
+        class: a small one's members are estimated one by one; big ones' least loaded members
+        are found walking the load-sorted list (runs of equal loads at once: idle workers,
+        often hundreds) until no big class could come within a margin of the best estimate.
+        Workers with pending blocks of the prompt (few) are scored exactly, apart. The margin
+        (1e-6 relative) is far wider than `choose`'s tie tolerance (1e-9) plus the rounding, so
+        the workers within it include every one tied with the best. Those get `scoring`'s
         exact cost and tie rules, and the random draw among the tied (in worker id order) is
         `choose`'s."""
         index = self._index
@@ -536,21 +539,22 @@ class Router:
         classes.append((0, live & ~union))
         big: list[tuple[int, int]] = []
         skip = set(special)
+        small: list[tuple[float, int, dict[str, float]]] = []
         for d, mask in classes:
             if mask.bit_count() > _SMALL_CLASS:
                 big.append((d, mask))
                 continue
             members = index.workers_of(mask)
             skip |= members
-            gd = g(d)
-            for w in members:
-                if w in special or (allowed is not None and w not in allowed):
-                    continue
-                key = workers[w].order
-                assert key is not None
-                cost = gd + key[0]
-                near.append((cost, [w], d, d))
-                best = min(best, cost)
+            members -= special
+            if allowed is not None:
+                members &= allowed
+            if members:
+                # Their estimates, kept apart until the best is known (most are far off).
+                estimates = {w: workers[w].order[0] for w in members}  # type: ignore[index]
+                gd = g(d)
+                small.append((gd, d, estimates))
+                best = min(best, gd + min(estimates.values()))
         by_load = self._by_load
         floor = min((g(d) for d, _ in big), default=0.0)
         """The lowest g of a big class's worker."""
@@ -586,6 +590,10 @@ class Router:
                 near.append((cost, run, d, d))
                 best = min(best, cost)
         limit = best + 1e-6 * max(best, 1.0)
+        for gd, d, estimates in small:
+            for w, load_key in estimates.items():
+                if gd + load_key <= limit:
+                    near.append((gd + load_key, [w], d, d))
         # Exact costs (scoring's formulas) of the workers near the best, once per run.
         costs: list[float] = []
         load_keys: list[tuple[int, int]] = []
