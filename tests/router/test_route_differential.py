@@ -13,6 +13,7 @@ import pytest
 from tokenfab.clock import ManualClock
 from tokenfab.protocol import BlockRemoved, BlockStored, KVEventBatch, LoadReport, WorkerInfo
 from tokenfab.router import Router, RouterConfig
+from tokenfab.router import router as router_module
 
 BS = 16
 INFO = WorkerInfo(model="m", max_model_len=8192, block_size=BS)
@@ -145,6 +146,17 @@ def test_fast_kv_routing_makes_the_full_scoring_decisions(overlap_weight: float,
 def test_fast_kv_routing_at_a_hundred_workers() -> None:
     twin = Twin(1.0, 7)
     assert _drive(twin, random.Random(7), routes=1000, max_workers=200) > 20
+
+
+@pytest.mark.parametrize("small_class", [0, 1_000_000])
+def test_every_depth_class_estimated_one_way(
+    small_class: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each depth class alone through each path: all found walking the load order (0), or
+    all estimated member by member."""
+    monkeypatch.setattr(router_module, "_SMALL_CLASS", small_class)
+    twin = Twin(1.0, 11)
+    assert _drive(twin, random.Random(11), routes=800, max_workers=60) > 20
 
 
 def test_lower_tiers_fall_back_to_scoring_every_worker() -> None:
