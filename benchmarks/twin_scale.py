@@ -112,7 +112,7 @@ def fleet_scenario(
         max_num_batched_tokens=2048 * g,
     )
     sim = FleetSimulator(config, step)
-    # Time spent in Router.route (its kv policy scores every worker per request) is measured
+    # Time spent in Router.route (index walks, kv choice, pending bookkeeping) is measured
     # apart, to show what the fleet model itself costs.
     route = sim.router.route
     routing = [0.0]

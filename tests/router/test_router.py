@@ -61,14 +61,16 @@ class Cluster:
 
 
 def test_routes_to_the_worker_with_the_longest_cached_prefix() -> None:
-    c = Cluster()
-    system = prompt(1, blocks=6)
-    c.store("w1", block_hashes(system, BS))
-    d = c.route("r1", system + prompt(2, blocks=2))
-    assert d.worker_id == "w1" and d.policy == "kv"
-    assert d.overlap_blocks == d.cached_blocks == 6
-    assert d.predicted_hit_tokens == 6 * BS
-    assert [s.worker_id for s in d.scores] == ["w0", "w1", "w2"]
+    for full in (False, True):
+        c = Cluster(full_scores=full)
+        system = prompt(1, blocks=6)
+        c.store("w1", block_hashes(system, BS))
+        d = c.route("r1", system + prompt(2, blocks=2))
+        assert d.worker_id == "w1" and d.policy == "kv"
+        assert d.overlap_blocks == d.cached_blocks == 6
+        assert d.predicted_hit_tokens == 6 * BS
+        # Every worker's score only when asked for (it costs O(workers) per route).
+        assert [s.worker_id for s in d.scores] == (["w0", "w1", "w2"] if full else [])
 
 
 def test_predicted_hits_leave_the_last_token_to_compute() -> None:

@@ -10,7 +10,9 @@ from tokenfab.router.scoring import (
     choose,
     decode_blocks,
     prefill_blocks,
+    sample_index,
     softmax_probabilities,
+    uniform_index,
 )
 
 BS = 16
@@ -132,3 +134,11 @@ def test_a_lower_tier_hit_is_cheaper_than_recompute_and_dearer_than_g1() -> None
     costs = {load.worker_id: prefill_blocks(load, 10 * 16, 16) for load in (g1, host, cold)}
     assert costs["a"] < costs["b"] < costs["c"]
     assert costs["b"] == pytest.approx(2 + 0.8)
+
+
+def test_uniform_index_draws_as_sample_index_over_equal_probabilities() -> None:
+    for n in (1, 2, 3, 7, 10, 999):
+        a, b = random.Random(n), random.Random(n)
+        for _ in range(200):
+            assert uniform_index(n, a) == sample_index([1.0 / n] * n, b)
+        assert a.getstate() == b.getstate()

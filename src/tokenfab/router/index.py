@@ -30,7 +30,7 @@ from tokenfab.protocol import (
     KVEventBatch,
     KVSnapshot,
 )
-from tokenfab.router.holders import CLEAR, Holders, make_holders
+from tokenfab.router.holders import CLEAR, Holders, Walk, make_holders
 
 FIRST_EVENT_ID = 1
 """Id of an engine's first KV event: `KVCacheManager` pre-increments its counter from 0. A
@@ -307,6 +307,41 @@ class KVIndex:
                     matches[worker] = depth
                 mask ^= low
         return matches
+
+    def match_rows(self, hashes: Sequence[int], overlay: Mapping[int, int] | None = None) -> Walk:
+        """`find_matches` as (depth, mask of the `worker_bit`s matching exactly that many
+        leading blocks) rows, depths increasing: per prompt, not per worker, so its cost does
+        not grow with the number of matching workers. Bits of removed workers may remain."""
+        if not hashes:
+            return []
+        extra: Callable[[int], int] | None = None
+        if overlay:
+            get = overlay.get
+
+            def extra(h: int) -> int:
+                return get(h, 0)
+
+        return list(self._holders.walk(hashes, extra))
+
+    @property
+    def has_lower_tiers(self) -> bool:
+        """Some worker holds blocks in a tier below G1."""
+        return any(self._tiers.values())
+
+    def workers_of(self, mask: int) -> set[str]:
+        """The workers whose `worker_bit`s are in `mask`."""
+        owner = self._slot_owner
+        out: set[str] = set()
+        while mask:
+            low = mask & -mask
+            worker = owner[low.bit_length() - 1]
+            if worker is not None:
+                out.add(worker)
+            mask ^= low
+        return out
+
+    def worker_of_bit(self, bit: int) -> str | None:
+        return self._slot_owner[bit.bit_length() - 1]
 
     # ------------------------------------------------------------------ helpers
 

@@ -123,10 +123,10 @@ def choose(
     scored = score_workers(ordered, num_prompt_tokens, block_size, overlap_weight)
     costs = [cost for _, _, _, cost in scored]
     if temperature == 0.0:
-        probs = _argmin_probabilities(ordered, costs)
+        probs = argmin_probabilities(ordered, costs)
     else:
         probs = softmax_probabilities(costs, temperature)
-    picked = _sample(probs, rng)
+    picked = sample_index(probs, rng)
     scores = tuple(
         WorkerScore(load.worker_id, load.overlap_blocks, prefill, decode, cost, p)
         for (load, prefill, decode, cost), p in zip(scored, probs, strict=True)
@@ -146,23 +146,27 @@ def softmax_probabilities(costs: Sequence[float], temperature: float) -> list[fl
     return [w / total for w in weights]
 
 
-def _argmin_probabilities(loads: Sequence[WorkerLoad], costs: Sequence[float]) -> list[float]:
-    best = min(costs)
-    tied = [i for i, c in enumerate(costs) if math.isclose(c, best, rel_tol=1e-9, abs_tol=1e-9)]
-    if len(tied) > 1:
-        # Ties go to the less loaded worker: fewer requests, then fewer active blocks.
-        def load_key(i: int) -> tuple[int, int]:
-            return loads[i].num_requests, loads[i].active_blocks
-
-        least = min(load_key(i) for i in tied)
-        tied = [i for i in tied if load_key(i) == least]
+def argmin_probabilities(loads: Sequence[WorkerLoad], costs: Sequence[float]) -> list[float]:
+    tied = tied_best(costs, [(load.num_requests, load.active_blocks) for load in loads])
     probs = [0.0] * len(costs)
     for i in tied:
         probs[i] = 1.0 / len(tied)
     return probs
 
 
-def _sample(probs: Sequence[float], rng: random.Random) -> int:
+def tied_best(costs: Sequence[float], load_keys: Sequence[tuple[int, int]]) -> list[int]:
+    """Indices of the lowest costs (equal within 1e-9), narrowed to the least loaded of them
+    (`load_keys`: requests, then active blocks), in the order given."""
+    best = min(costs)
+    tied = [i for i, c in enumerate(costs) if math.isclose(c, best, rel_tol=1e-9, abs_tol=1e-9)]
+    if len(tied) > 1:
+        # Ties go to the less loaded worker: fewer requests, then fewer active blocks.
+        least = min(load_keys[i] for i in tied)
+        tied = [i for i in tied if load_keys[i] == least]
+    return tied
+
+
+def sample_index(probs: Sequence[float], rng: random.Random) -> int:
     """Index drawn from `probs`; draws from `rng` only when there is a real choice, so a
     router's random stream advances the same way wherever the choice is forced."""
     nonzero = [i for i, p in enumerate(probs) if p > 0.0]
@@ -175,3 +179,18 @@ def _sample(probs: Sequence[float], rng: random.Random) -> int:
         if x < acc:
             return i
     return nonzero[-1]
+
+
+def uniform_index(n: int, rng: random.Random) -> int:
+    """`sample_index` over n equal probabilities (1/n each, summed in the same order, so the
+    same draw gives the same index), without building them."""
+    if n == 1:
+        return 0
+    x = rng.random()
+    p = 1.0 / n
+    acc = 0.0
+    for i in range(n):
+        acc += p
+        if x < acc:
+            return i
+    return n - 1

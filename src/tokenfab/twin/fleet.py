@@ -226,8 +226,9 @@ class FleetWorker:
             return
         stored = []
         first = req.hashed
+        prompt = req.spec.hashes
         for i in range(first, full):
-            h = req.block_hash(i)
+            h = prompt[i] if i < len(prompt) else req.block_hash(i)
             if h in self.cache:  # another request computed it meanwhile: stays private
                 if stored:
                     break  # keep the event a contiguous chain; the rest is stored next time
