@@ -387,9 +387,11 @@ def build_app(state: FrontendState) -> FastAPI:
                 lp = chat_logprobs(prompts, out.logprobs, prep.token_ids_as_text)
             if not d and lp is None and out.finish_reason is None:
                 return None
-            if not d and lp is not None:
+            if not d and (lp is not None or out.finish_reason is not None):
                 # A token whose text is held back (a partial stop string or character) still
-                # carries its logprobs; vLLM sends it with empty content, and clients read it.
+                # carries its logprobs, and a finish with no text left (EOS, a stop string)
+                # still carries its reason; vLLM sends both with empty content, and clients
+                # (SGLang's tests among them) read `delta.content` as a string.
                 d = {"content": ""}
             reason = deltas[i].finish_reason(out.finish_reason)
             return {
