@@ -87,6 +87,21 @@ def test_chat_stream_finish_chunk_carries_content(client: openai.OpenAI, server)
     assert [c.choices[0].delta.content for c in chunks[1:]] == [""] * (len(chunks) - 1)
 
 
+def test_chat_stream_n2_each_choice_opens_with_its_role(client: openai.OpenAI, server) -> None:
+    """With n=2 each choice's first chunk is its own role chunk (clients read `choices[0]`
+    of each chunk, as SGLang's chat-stream test does)."""
+    stream = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, max_tokens=4, n=2, seed=3, temperature=1.0,
+        stream=True, extra_body=LONG,
+    )  # fmt: skip
+    firsts: dict[int, openai.types.chat.ChatCompletionChunk] = {}
+    for c in stream:
+        assert len(c.choices) == 1
+        firsts.setdefault(c.choices[0].index, c)
+    assert sorted(firsts) == [0, 1]
+    assert all(c.choices[0].delta.role == "assistant" for c in firsts.values())
+
+
 def test_chat_n_seed_and_logprobs(client: openai.OpenAI, server) -> None:
     r = client.chat.completions.create(
         model=server.model,

@@ -412,12 +412,10 @@ def build_app(state: FrontendState) -> FastAPI:
 
         async def gen() -> AsyncIterator[bytes]:
             role = {"role": "assistant", "content": ""}
-            yield sse(
-                [
-                    {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
-                    for i in range(len(firsts))
-                ]
-            )
+            # One chunk per choice, as OpenAI and vLLM send them: clients read `choices[0]`
+            # of each chunk, so a shared chunk would hide choice 1's role.
+            for i in range(len(firsts)):
+                yield sse({"index": i, "delta": role, "logprobs": None, "finish_reason": None})
             for i, out in enumerate(firsts):
                 c = delta(i, out)
                 if c is not None:
