@@ -72,6 +72,36 @@ def test_chat_streaming_with_usage(client: openai.OpenAI, server) -> None:
     assert text == full.choices[0].message.content
 
 
+def test_chat_stream_finish_chunk_carries_content(client: openai.OpenAI, server) -> None:
+    """A finish with no text left (here a stop string at the answer's first character)
+    still sends `delta.content` as a string, "" as vLLM does: SGLang's chat-stream test reads
+    it."""
+    kw = dict(model=server.model, messages=MESSAGES, temperature=0)
+    plain = client.chat.completions.create(max_tokens=8, extra_body=LONG, **kw)
+    stop = plain.choices[0].message.content[:1]
+    assert stop
+    chunks = list(client.chat.completions.create(stream=True, stop=[stop], max_tokens=8, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "stop"
+    assert [c.choices[0].delta.content for c in chunks[1:]] == [""] * (len(chunks) - 1)
+
+
+def test_chat_stream_n2_each_choice_opens_with_its_role(client: openai.OpenAI, server) -> None:
+    """With n=2 each choice's first chunk is its own role chunk (clients read `choices[0]`
+    of each chunk, as SGLang's chat-stream test does)."""
+    stream = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, max_tokens=4, n=2, seed=3, temperature=1.0,
+        stream=True, extra_body=LONG,
+    )  # fmt: skip
+    firsts: dict[int, openai.types.chat.ChatCompletionChunk] = {}
+    for c in stream:
+        assert len(c.choices) == 1
+        firsts.setdefault(c.choices[0].index, c)
+    assert sorted(firsts) == [0, 1]
+    assert all(c.choices[0].delta.role == "assistant" for c in firsts.values())
+
+
 def test_chat_n_seed_and_logprobs(client: openai.OpenAI, server) -> None:
     r = client.chat.completions.create(
         model=server.model,

@@ -387,9 +387,11 @@ def build_app(state: FrontendState) -> FastAPI:
                 lp = chat_logprobs(prompts, out.logprobs, prep.token_ids_as_text)
             if not d and lp is None and out.finish_reason is None:
                 return None
-            if not d and lp is not None:
+            if not d and (lp is not None or out.finish_reason is not None):
                 # A token whose text is held back (a partial stop string or character) still
-                # carries its logprobs; vLLM sends it with empty content, and clients read it.
+                # carries its logprobs, and a finish with no text left (EOS, a stop string)
+                # still carries its reason; vLLM sends both with empty content, and clients
+                # (SGLang's tests among them) read `delta.content` as a string.
                 d = {"content": ""}
             reason = deltas[i].finish_reason(out.finish_reason)
             return {
@@ -410,12 +412,10 @@ def build_app(state: FrontendState) -> FastAPI:
 
         async def gen() -> AsyncIterator[bytes]:
             role = {"role": "assistant", "content": ""}
-            yield sse(
-                [
-                    {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
-                    for i in range(len(firsts))
-                ]
-            )
+            # One chunk per choice, as OpenAI and vLLM send them: clients read `choices[0]`
+            # of each chunk, so a shared chunk would hide choice 1's role.
+            for i in range(len(firsts)):
+                yield sse({"index": i, "delta": role, "logprobs": None, "finish_reason": None})
             for i, out in enumerate(firsts):
                 c = delta(i, out)
                 if c is not None:
