@@ -124,15 +124,13 @@ class KVDataServer:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        advertise: str | None = None,
         blocks_per_frame: int = BLOCKS_PER_FRAME,
     ) -> None:
-        """`advertise`: the address others should dial (default: the bound one), e.g. a
-        proxy's, or a routable name when binding 0.0.0.0."""
+        """What others dial may differ from the bound address (a proxy, a routable name when
+        binding 0.0.0.0): the worker decides it (`config.DataPlaneConfig.advertised`)."""
         self.source = source
         self.host = host
         self.port = port
-        self._advertise = advertise
         self.blocks_per_frame = blocks_per_frame
         self._sock: socket.socket | None = None
         self._accept: asyncio.Task[None] | None = None
@@ -142,8 +140,7 @@ class KVDataServer:
 
     @property
     def address(self) -> str:
-        if self._advertise:
-            return self._advertise
+        """The bound host:port."""
         assert self._sock is not None, "not started"
         host, port = self._sock.getsockname()[:2]
         return f"{host}:{port}"
