@@ -277,6 +277,9 @@ class LoadReport(msgspec.Struct, kw_only=True):
     prefix_cache_hits: int = 0
     """Of those, tokens found cached."""
     prompt_tokens: int = 0
+    prefill_tokens_computed: int = 0
+    """Prompt tokens this engine ran through the model (not found cached, not imported from
+    a prefill worker): the prefill work it did, wherever the request finished."""
     generation_tokens: int = 0
     requests_finished: int = 0
     num_steps: int = 0

@@ -115,6 +115,19 @@ def test_no_flapping_under_noisy_steady_load():
         assert fleet.kinds("hold")  # noise made it want changes it did not confirm
 
 
+def test_a_lightly_loaded_fleet_is_left_as_it_is():
+    # 150 prefill tok/s and 15 decode tok/s: both pools far below their targets, though
+    # one more prefill worker would halve the busier pool's utilization
+    cfg = PlannerConfig(ttft_ms=500, itl_ms=50, budget=4, fixed_fleet=True, confirm_ticks=1,
+                        cooldown_s=0)  # fmt: skip
+    fleet = Fleet(cfg, FOUR, Capacity(prefill_tokens_per_s=450.0, decode_tokens_per_s=80.0))
+    fleet.run((0.5, 300, 30), 20)
+    assert fleet.kinds("move") == [] and fleet.counts() == (1, 3)
+    # past shrink_util the spare does move to the busier pool
+    fleet.run((1.0, 300, 30), 6)
+    assert [(m.from_role, m.to_role) for m in fleet.kinds("move")] == [("decode", "prefill")]
+
+
 def test_cooldown_spaces_changes():
     cfg = PlannerConfig(ttft_ms=500, itl_ms=50, budget=8, cooldown_s=60, confirm_ticks=1)
     fleet = Fleet(cfg, {"w0": "prefill", "w1": "decode"})

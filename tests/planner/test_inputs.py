@@ -18,13 +18,14 @@ VIEWS = (WorkerView("p", "prefill"), WorkerView("d", "decode"))
 def test_reports_reduce_to_rates_means_and_queues():
     prev = {
         "p": LoadReport(worker_id="p", requests_finished=10, prompt_tokens=1000,
-                        prefix_cache_queries=1000, prefix_cache_hits=100),
+                        prefix_cache_queries=1000, prefix_cache_hits=100,
+                        prefill_tokens_computed=900),
         "d": LoadReport(worker_id="d", requests_finished=10, generation_tokens=500),
     }  # fmt: skip
     cur = {
         "p": LoadReport(worker_id="p", requests_finished=30, prompt_tokens=5000,
                         prefix_cache_queries=5000, prefix_cache_hits=1100,
-                        queued_prefill_tokens=300, running=2),
+                        prefill_tokens_computed=3900, queued_prefill_tokens=300, running=2),
         "d": LoadReport(worker_id="d", requests_finished=30, generation_tokens=2500,
                         waiting=4, running=7),
     }  # fmt: skip
@@ -38,6 +39,21 @@ def test_reports_reduce_to_rates_means_and_queues():
     assert obs.prefill_queue_tokens == 300 and obs.decode_waiting == 4
     assert [w.running for w in obs.workers] == [2, 7]
     assert obs.ttft_ms == 120.0 and obs.count("decode") == 1
+
+
+def test_prefill_work_is_counted_where_it_ran_not_where_requests_finished():
+    # 10 disaggregated requests of 100 prompt tokens: each finishes on the prefill worker
+    # (1 token) and on the decode worker, which counts the imported prompt again
+    prev = {"p": LoadReport(worker_id="p"), "d": LoadReport(worker_id="d")}
+    cur = {
+        "p": LoadReport(worker_id="p", requests_finished=10, prompt_tokens=1000,
+                        prefill_tokens_computed=1000, generation_tokens=10),
+        "d": LoadReport(worker_id="d", requests_finished=10, prompt_tokens=1000,
+                        generation_tokens=500),
+    }  # fmt: skip
+    obs = reduce_reports(prev, cur, 10.0, VIEWS)
+    assert obs.prefill_tokens_rate == pytest.approx(100.0)  # not 200
+    assert obs.decode_tokens_rate == pytest.approx(51.0)
 
 
 def test_a_restarted_worker_counts_from_zero_and_a_new_one_whole():

@@ -69,7 +69,8 @@ async def test_step_moves_a_decode_worker_to_prefill(rt: Runtime, caplog) -> Non
     consume = asyncio.create_task(svc._consume(loads))
     # 10 s of long prompts: w0 computed 20k prompt tokens (2000 tok/s for one worker)
     await rt.publish(LOAD_TOPIC, LoadReport(worker_id="w0", requests_finished=10,
-                                            prompt_tokens=20_000, queued_prefill_tokens=4000))  # fmt: skip
+                                            prompt_tokens=20_000, prefill_tokens_computed=20_000,
+                                            queued_prefill_tokens=4000))  # fmt: skip
     for w in ("w1", "w2"):
         await rt.publish(LOAD_TOPIC, LoadReport(worker_id=w, requests_finished=5,
                                                 generation_tokens=100))  # fmt: skip

@@ -47,7 +47,7 @@ class PlannerConfig:
     fixed_fleet: bool = False
     """Only move the workers there are between roles (no add/remove): what the planner does
     when it cannot start or stop workers. Spare workers then go where they lower the busier
-    pool's utilization by at least `balance_gain`."""
+    pool's utilization by at least `balance_gain`, once that pool is past `shrink_util`."""
     balance_gain: float = 0.2
     forecaster: Forecaster = DEFAULT_FORECASTER
 
@@ -174,6 +174,10 @@ def fleet_target(
     base = fit_budget(want, fleet)
     if cur[0] >= base[0] and cur[1] >= base[1]:
         best, best_u = cur, _util(load, cap, cur)
+        if best_u <= cfg.shrink_util:
+            # both pools lightly loaded: a move would buy nothing and costs a drain (and
+            # the first intervals' forecasts, before requests finish, are the noisiest)
+            return cur
         for step in ((1, -1), (-1, 1)):
             t = (cur[0] + step[0], cur[1] + step[1])
             if min(t) < cfg.min_per_role or t[0] < base[0] or t[1] < base[1]:

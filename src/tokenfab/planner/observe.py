@@ -37,17 +37,25 @@ class Observation:
     prefix_hit_rate: float
     """Share of prompt tokens found in a prefix cache (they need no prefill)."""
     prefill_queue_tokens: int
-    """Prompt tokens admitted or waiting but not yet computed, over all workers."""
+    """Prompt tokens admitted or waiting but not yet computed on prefill workers (on all
+    workers when there are none)."""
     decode_waiting: int
     """Requests waiting for a decode slot on decode workers."""
     workers: tuple[WorkerView, ...]
     ttft_ms: float | None = None
     """Measured mean time to first token over the interval (None: not measured)."""
     itl_ms: float | None = None
+    prefill_computed_rate: float | None = None
+    """Prompt tokens per second the prefill workers computed (all workers' when there are
+    none; None: not reported, estimated from finished requests instead)."""
 
     @property
     def prefill_tokens_rate(self) -> float:
         """Prompt tokens per second that need computing (cache hits excluded)."""
+        if self.prefill_computed_rate is not None:
+            return self.prefill_computed_rate
+        # A disaggregated request finishes twice (its prefill and its decode worker) and
+        # counts its prompt on both: the engines' own count above has no such error.
         return self.request_rate * self.prompt_tokens_mean * (1.0 - self.prefix_hit_rate)
 
     @property
@@ -79,7 +87,14 @@ def reduce_reports(
         raise ValueError(f"interval must be > 0 s, got {interval_s}")
     zero = LoadReport()
     role = {w.worker_id: w.role for w in workers}
-    finished = prompt = gen = queries = hits = 0
+    # the prefill pool's work is what prefill workers compute and queue; a decode worker's
+    # own prefill of short prompts is decode-pool work (aggregated fleets: everyone's)
+    split = any(r == "prefill" for r in role.values())
+
+    def prefill_pool(wid: str) -> bool:
+        return not split or role.get(wid) == "prefill"
+
+    finished = prompt = gen = queries = hits = computed = 0
     for wid, r in cur.items():
         p = prev.get(wid, zero)
         finished += _delta(r.requests_finished, p.requests_finished)
@@ -87,6 +102,8 @@ def reduce_reports(
         gen += _delta(r.generation_tokens, p.generation_tokens)
         queries += _delta(r.prefix_cache_queries, p.prefix_cache_queries)
         hits += _delta(r.prefix_cache_hits, p.prefix_cache_hits)
+        if prefill_pool(wid):
+            computed += _delta(r.prefill_tokens_computed, p.prefill_tokens_computed)
     # prompt_tokens counts requests at their first token; finished at their end: the means
     # use the finished count for both (close enough over an interval; both lag arrivals).
     n = max(finished, 1)
@@ -96,7 +113,9 @@ def reduce_reports(
         prompt_tokens_mean=prompt / n if finished else 0.0,
         output_tokens_mean=gen / n if finished else 0.0,
         prefix_hit_rate=min(1.0, hits / queries) if queries else 0.0,
-        prefill_queue_tokens=sum(r.queued_prefill_tokens for r in cur.values()),
+        prefill_queue_tokens=sum(
+            r.queued_prefill_tokens for w, r in cur.items() if prefill_pool(w)
+        ),  # fmt: skip
         decode_waiting=sum(r.waiting for w, r in cur.items() if role.get(w) == "decode"),
         workers=tuple(
             replace(w, running=cur[w.worker_id].running, waiting=cur[w.worker_id].waiting)
@@ -106,6 +125,7 @@ def reduce_reports(
         ),
         ttft_ms=ttft_ms,
         itl_ms=itl_ms,
+        prefill_computed_rate=computed / interval_s,
     )
 
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
 import msgspec
@@ -61,6 +62,36 @@ def parse_latency_sums(text: str) -> LatencySums:
     )  # fmt: skip
 
 
+LatencyReader = Callable[[], Awaitable[LatencySums | None]]
+"""Reads the frontend's latency histograms (None: not readable now)."""
+
+
+def http_latencies(url: str) -> LatencyReader:
+    """Read them from a frontend's /metrics URL (a planner in its own process)."""
+
+    async def read() -> LatencySums | None:
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                return parse_latency_sums((await client.get(url)).text)
+        except httpx.HTTPError as e:
+            log.warning("planner: cannot read %s: %s", url, e)
+            return None
+
+    return read
+
+
+def registry_latencies(registry: CollectorRegistry) -> LatencyReader:
+    """Read them from a frontend's registry in this process (`serve --planner`)."""
+    from prometheus_client import generate_latest
+
+    async def read() -> LatencySums | None:
+        return parse_latency_sums(generate_latest(registry).decode())
+
+    return read
+
+
 class PlannerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.workers = Gauge("tokenfab_planner_workers", "Workers per role", ["role"],
@@ -88,10 +119,10 @@ class PlannerService:
         capacity: Capacity,
         registry: CollectorRegistry | None = None,
         clock: Clock | None = None,
-        frontend_metrics: str | None = None,
+        latencies: LatencyReader | None = None,
     ) -> None:
-        """`frontend_metrics`: a frontend's /metrics URL, read each interval for the
-        measured TTFT and ITL (None: latencies are not observed)."""
+        """`latencies`: read each interval for the measured TTFT and ITL (None: latencies
+        are not observed)."""
         self.runtime = runtime
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -101,7 +132,7 @@ class PlannerService:
         self.reports: dict[str, LoadReport] = {}
         self.decisions: list[Decision] = []
         self._prev: dict[str, LoadReport] = {}
-        self.frontend_metrics = frontend_metrics
+        self.read_latencies = latencies
         self._latency = LatencySums()
         self._draining: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -158,17 +189,11 @@ class PlannerService:
         return decisions
 
     async def _latencies(self) -> tuple[float | None, float | None]:
-        if self.frontend_metrics is None:
+        if self.read_latencies is None:
             return None, None
-        import httpx
-
-        try:
-            async with httpx.AsyncClient(timeout=5) as client:
-                text = (await client.get(self.frontend_metrics)).text
-        except httpx.HTTPError as e:
-            log.warning("planner: cannot read %s: %s", self.frontend_metrics, e)
+        cur = await self.read_latencies()
+        if cur is None:
             return None, None
-        cur = parse_latency_sums(text)
         out = mean_latencies_ms(self._latency, cur)
         self._latency = cur
         return out
@@ -221,7 +246,8 @@ async def run_planner(
     from tokenfab.worker.launch import until_signalled
 
     runtime = await Runtime.connect(runtime_url, namespace)
-    service = PlannerService(runtime, config, capacity, frontend_metrics=frontend_metrics)
+    reader = http_latencies(frontend_metrics) if frontend_metrics else None
+    service = PlannerService(runtime, config, capacity, latencies=reader)
     if metrics_port is not None:
         start_http_server(metrics_port, addr="127.0.0.1", registry=service.registry)
     try:

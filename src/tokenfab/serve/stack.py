@@ -20,7 +20,7 @@ from tokenfab.frontend.workers import WorkerPool
 from tokenfab.kv.host import remove_segment
 from tokenfab.kv.transfer import LocalDataPlane
 from tokenfab.planner import Capacity, PlannerConfig
-from tokenfab.planner.service import PlannerService
+from tokenfab.planner.service import PlannerService, registry_latencies
 from tokenfab.protocol import WorkerRole
 from tokenfab.router.disagg import DisaggConfig
 from tokenfab.router.health import HealthConfig
@@ -150,7 +150,13 @@ class ServingStack:
             fixed_fleet=True,
         )
         capacity = Capacity(options.prefill_tps, options.decode_tps, source="given")
-        self.planner = PlannerService(self.runtime, config, capacity)
+        # the frontend's registry: /metrics shows the pools and targets, and the planner
+        # reads the measured TTFT/ITL from the same histograms
+        registry = self.app.state.metrics.registry
+        self.planner = PlannerService(
+            self.runtime, config, capacity, registry=registry,
+            latencies=registry_latencies(registry),
+        )  # fmt: skip
         await self.planner.start()
 
     def _engine_exited(self, worker_id: str, code: int) -> None:

@@ -18,7 +18,12 @@ from tokenfab.engine.core.batch import PromptLogprobs, SampledToken
 from tokenfab.engine.core.detokenizer import IncrementalDetokenizer
 from tokenfab.engine.core.kv_cache import EventSink, KVCacheManager
 from tokenfab.engine.core.runner import Runner
-from tokenfab.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tokenfab.engine.core.scheduler import (
+    ScheduledSeq,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from tokenfab.engine.core.sequence import Sequence
 from tokenfab.engine.core.tiers import Offloader, OffloadStats
 from tokenfab.engine.errors import CorruptLogitsError, InvalidRequestError
@@ -33,6 +38,16 @@ from tokenfab.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _prompt_tokens_in(scheduled: list[ScheduledSeq]) -> int:
+    """Prompt tokens a step computes (before `update_computed`): its prefill work."""
+    n = 0
+    for s in scheduled:
+        done = s.seq.num_computed_tokens
+        n += max(0, min(done + s.num_new_tokens, s.seq.num_prompt_tokens) - done)
+    return n
+
 
 PREFILL_STEP_TOKENS = 32
 """Steps of at least this many tokens measure the engine's seconds per prompt token."""
@@ -88,6 +103,7 @@ class EngineCore:
         self.scheduler = Scheduler(scheduler_config, self.kv, self._clock)
         self._seqs: dict[str, Sequence] = {}
         self._prompt_tokens = 0
+        self._prefill_tokens = 0
         self._generation_tokens = 0
         self._finished = 0
         self._steps = 0
@@ -251,6 +267,7 @@ class EngineCore:
         self.kv.restart_events()
         self._announce_tiers()
         self._prompt_tokens = self._generation_tokens = self._finished = self._steps = 0
+        self._prefill_tokens = 0
         # the set-up step's seconds would linger in the averages
         self._step_time_ema = self._step_tokens_ema = 0.0
         self.kv.prefix_queries = self.kv.prefix_hits = 0
@@ -288,6 +305,7 @@ class EngineCore:
         started = self._clock.now()
         self._mark_prompt_logits(sched)
         self._step_tokens = sched.num_batched_tokens
+        self._prefill_tokens += _prompt_tokens_in(sched.scheduled)
         try:
             result = self.runner.execute(sched)
         except CorruptLogitsError:
@@ -465,6 +483,7 @@ class EngineCore:
             prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=sched.num_preemptions,
             prompt_tokens=self._prompt_tokens,
+            prefill_tokens_computed=self._prefill_tokens,
             generation_tokens=self._generation_tokens,
             requests_finished=self._finished,
             num_steps=self._steps,
