@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -143,10 +144,8 @@ async def sample_pools(url: str, t0: float, out: list, stop: asyncio.Event) -> N
                 sizes = None
             if sizes is not None:
                 out.append((round(time.monotonic() - t0, 1), *sizes))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
 
 
 async def drive(url: str, model_id: str, specs: list, args) -> tuple[list, list]:
@@ -323,11 +322,15 @@ def main() -> None:
     runs.append(planned)
     hindsight = max((r for r in runs if not r["planner"]), key=lambda r: r["goodput"])
     doc = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k != "json"},  # fmt: skip
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"
+        },  # fmt: skip
         "static": {"goodput": best["goodput"], "split": best["split"]},
-        "planner": {"goodput": planned["goodput"], "moves": planned["moves"],
-                    "pools": planned["pools"]},  # fmt: skip
+        "planner": {
+            "goodput": planned["goodput"],
+            "moves": planned["moves"],
+            "pools": planned["pools"],
+        },  # fmt: skip
         "best_static_in_hindsight": {"goodput": hindsight["goodput"], "split": hindsight["split"]},
         "ratio": planned["goodput"] / best["goodput"] if best["goodput"] else float("inf"),
         "runs": runs,
