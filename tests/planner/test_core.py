@@ -128,6 +128,30 @@ def test_a_lightly_loaded_fleet_is_left_as_it_is():
     assert [(m.from_role, m.to_role) for m in fleet.kinds("move")] == [("decode", "prefill")]
 
 
+def test_a_saturated_pool_teaches_the_planner_its_capacity():
+    # given 1000 prompt tok/s per worker, the one prefill worker computes 400 with a backlog
+    # of 6,000 tokens: it is saturated, and its rate is what a prefill worker can do here
+    # (two workers: nothing can move, and a pool mid-move teaches nothing)
+    cfg = PlannerConfig(ttft_ms=500, itl_ms=50, budget=2, fixed_fleet=True)
+    state = initial_state(cfg, CAP)
+    workers = (WorkerView("p", "prefill"), WorkerView("d", "decode"))
+    busy = Observation(interval_s=10.0, request_rate=0.4, prompt_tokens_mean=1000,
+                       output_tokens_mean=10, prefix_hit_rate=0.0, prefill_queue_tokens=6000,
+                       decode_waiting=0, workers=workers)  # fmt: skip
+    for i in range(12):
+        state, _ = tick(busy, state, 10.0 * (i + 1), cfg)
+    assert state.capacity.prefill_tokens_per_s == pytest.approx(400, rel=0.05)
+    assert state.capacity.decode_tokens_per_s == CAP.decode_tokens_per_s  # not saturated
+    assert state.capacity.source == "measured"
+    # a short queue is not saturation: nothing learned
+    calm = initial_state(cfg, CAP)
+    calm, _ = tick(replace(busy, prefill_queue_tokens=500), calm, 10.0, cfg)
+    assert calm.capacity == CAP
+    off = replace(cfg, learn_capacity=False)
+    fixed, _ = tick(busy, initial_state(off, CAP), 10.0, off)
+    assert fixed.capacity == CAP
+
+
 def test_cooldown_spaces_changes():
     cfg = PlannerConfig(ttft_ms=500, itl_ms=50, budget=8, cooldown_s=60, confirm_ticks=1)
     fleet = Fleet(cfg, {"w0": "prefill", "w1": "decode"})

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from tokenfab.planner.capacity import Capacity
+from tokenfab.planner.capacity import Capacity, learn
 from tokenfab.planner.forecast import DEFAULT_FORECASTER, Forecaster
 from tokenfab.planner.observe import Observation, WorkerView
 from tokenfab.protocol import WorkerRole
@@ -49,6 +49,12 @@ class PlannerConfig:
     when it cannot start or stop workers. Spare workers then go where they lower the busier
     pool's utilization by at least `balance_gain`, once that pool is past `shrink_util`."""
     balance_gain: float = 0.2
+    learn_capacity: bool = True
+    """Fold the per-worker rates a saturated pool delivered into the capacity (the given
+    figures are a start; this machine's, under this traffic, are what the pools get)."""
+    saturated_backlog_s: float = 2.0
+    """A prefill pool whose queued prompt tokens would take this long at its capacity is
+    saturated: what it computed is what it can."""
     forecaster: Forecaster = DEFAULT_FORECASTER
 
     def __post_init__(self) -> None:
@@ -262,17 +268,37 @@ def _count(state: PlannerState, decisions: list[Decision]) -> dict[str, int]:
     return counts
 
 
+def measured_capacity(obs: Observation, cap: Capacity, cfg: PlannerConfig) -> Capacity:
+    """The capacity after this interval: a saturated pool's per-worker rate folded in (a
+    prefill pool with a backlog of `saturated_backlog_s`, a decode pool with requests
+    waiting for a slot). Not while a worker drains: its pool's rate is not a full pool's."""
+    n_p, n_d = obs.count("prefill"), obs.count("decode")
+    if not cfg.learn_capacity or any(w.draining for w in obs.workers):
+        return cap
+    pre = dec = None
+    backlog = cap.prefill_tokens_per_s * n_p * cfg.saturated_backlog_s
+    if n_p and obs.prefill_tokens_rate > 0 and obs.prefill_queue_tokens >= backlog:
+        pre = obs.prefill_tokens_rate / n_p
+    if n_d and obs.decode_tokens_rate > 0 and obs.decode_waiting > 0:
+        dec = obs.decode_tokens_rate / n_d
+    if pre is None and dec is None:
+        return cap
+    return learn(cap, prefill_tokens_per_s=pre, decode_tokens_per_s=dec)
+
+
 def tick(
     obs: Observation, state: PlannerState, now: float, cfg: PlannerConfig
 ) -> tuple[PlannerState, list[Decision]]:
     """One planning step. `now` is the caller's clock (seconds); nothing here reads one."""
+    # a pool mid-move delivers less than its count says: nothing is learned from it
+    cap = state.capacity if state.moving else measured_capacity(obs, state.capacity, cfg)
+    state = replace(state, capacity=cap)
     pre_load, dec_load = demand(obs)
     pre_fc = state.prefill_fc.update(pre_load)
     dec_fc = state.decode_fc.update(dec_load)
     # Plan for the larger of the forecast and what is happening now: a forecast that lags a
     # rising load must not shrink a pool that is busy this very interval.
     f_pre, f_dec = max(pre_fc.forecast(), pre_load), max(dec_fc.forecast(), dec_load)
-    cap = state.capacity
     cur = (obs.count("prefill"), obs.count("decode"))
     need_p, want_p = pool_size(f_pre, cap.prefill_tokens_per_s, cur[0], cfg)
     need_d, want_d = pool_size(f_dec, cap.decode_tokens_per_s, cur[1], cfg)
