@@ -106,6 +106,15 @@ class FactoryStepTime(LinearStepTime):
         assert self.model is not None
         return self.model.kv_bytes_per_token(BYTES[self.layout.kv_dtype])
 
+    def link_bytes_per_s(self) -> float:
+        """The KV handoff link of one worker (bytes/s): the system's scale-out NIC per GPU,
+        over the GPUs a prompt's KV is split across (the factory's `kv_transfer_time`: GQA
+        KV over up to the KV-head count of TP ranks, MLA latents whole on each rank)."""
+        assert self.model is not None and self.system is not None
+        m = self.model
+        lanes = 1 if m.attention == "mla" else min(self.layout.tp, m.num_kv_heads)
+        return self.system.scaleout_gbps * 1e9 * lanes * self.layout.pp
+
     def seconds(self, batch: StepBatch) -> float:
         m = self.model
         assert m is not None and self.system is not None

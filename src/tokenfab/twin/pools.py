@@ -339,3 +339,24 @@ class PoolSimulator(Simulator):
                 self._moving[d.worker_id] = d.to_role
         self._check_drained()
         self.pool_sizes.append(self._sample(now))
+
+
+def step_capacity(
+    step_time: LinearStepTime, config: SimConfig, context: int, itl_ms: float
+) -> Capacity:
+    """Per-worker capacity the planner sizes pools by, from the twin's own step-time model
+    (what `planner --prefill-tps/--decode-tps` would be measured as): prefill, a full step
+    budget of prompt tokens per step; decode, the largest batch (up to max_num_seqs) whose
+    step at `context` tokens per sequence stays within the ITL target (at least 1)."""
+    budget = config.max_num_batched_tokens
+    pre = budget / (step_time.base_s + budget * step_time.per_prefill_token_s)
+
+    def decode_step(b: int) -> float:
+        st = step_time
+        return st.base_s + b * (st.per_decode_seq_s + context * st.per_context_token_s)
+
+    best = 1
+    for b in range(1, config.max_num_seqs + 1):
+        if decode_step(b) * 1e3 <= itl_ms:
+            best = b
+    return Capacity(pre, best / decode_step(best), source="twin step-time model")
