@@ -66,11 +66,11 @@ def test_same_seed_same_disaggregated_run() -> None:
 
 
 def shifting_load(seed: int) -> list[RequestSpec]:
-    """40 s of decode-heavy traffic, then 80 s of long prompts with few output tokens."""
+    """20 s of decode-heavy traffic, then 30 s of long prompts with few output tokens."""
     rng = random.Random(seed)
     t, i, out = 0.0, 0, []
-    while t < 120:
-        heavy = t > 40
+    while t < 50:
+        heavy = t > 20
         t += rng.expovariate(6.0 if heavy else 2.0)
         n = rng.randrange(600, 1000) if heavy else rng.randrange(300, 400)
         prompt = [rng.randrange(1, 50000) for _ in range(n)]
@@ -97,7 +97,7 @@ def test_a_load_shift_to_prefill_moves_a_decode_worker_to_the_prefill_pool() -> 
     sim = planned(1)
     moves = [(t, d) for t, d in sim.planner_decisions if d.kind == "move"]
     assert moves and all(d.from_role == "decode" and d.to_role == "prefill" for _, d in moves)
-    assert all(t > 40 for t, _ in moves)  # only after the shift
+    assert all(t > 20 for t, _ in moves)  # only after the shift
     first, last = sim.pool_sizes[0], sim.pool_sizes[-1]
     assert (first.prefill, first.decode) == (2, 2)
     assert (last.prefill, last.decode) == (3, 1) and last.draining == 0
