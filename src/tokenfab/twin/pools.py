@@ -20,7 +20,7 @@ observation `planner.observe.reduce_reports` makes of the workers' load reports 
 mean TTFT / ITL of the interval, as the planner reads them from the frontend's metrics); a
 move drains the worker (no new requests are routed to it; the real worker refuses them and
 the frontend retries elsewhere) and switches its role once nothing is in flight on it. Pool
-sizes are recorded at every tick.
+sizes are recorded at every tick and every role switch.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class PlannerSetup:
 
 @dataclass(frozen=True, slots=True)
 class PoolSample:
-    """Pool sizes at one planner tick (or the start)."""
+    """Pool sizes at one planner tick, role switch, or the start."""
 
     t: float
     prefill: int
@@ -288,6 +288,7 @@ class PoolSimulator(Simulator):
                 continue  # a prefill it ran is still being pulled
             self.draining.discard(wid)
             self._set_role(wid, self._moving.pop(wid))
+            self.pool_sizes.append(self._sample(self.clock.now()))
 
     def _latencies(self) -> tuple[float | None, float | None]:
         """Mean TTFT and ITL (ms) of the interval, as the planner reads them from the
