@@ -42,6 +42,19 @@ def test_step_times_are_the_factory_model_s() -> None:
 
 
 @pytest.mark.parametrize(
+    ("model", "tp"), [("openai/gpt-oss-120b", 2), ("deepseek-ai/DeepSeek-V3", 8)]
+)
+def test_sliding_window_moe_and_mla_models_match_the_factory_too(model: str, tp: int) -> None:
+    st = FactoryStepTime.build(model, "h200", tp=tp)
+    m, sys_, lay, cal = st.model, st.system, st.layout, st.calibration
+    for b, ctx in ((1, 100), (48, 6000)):
+        want = decode_step_time(m, sys_, lay, b, ctx, cal)
+        assert st.seconds(batch(*[(1, ctx)] * b)) == pytest.approx(want, rel=1e-9)
+    want = prefill_time(m, sys_, lay, 1, 3000, cal)
+    assert st.seconds(batch((3000, 0))) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize(
     ("args", "needle"),
     [
         (["--system", "nope", "--model", MODEL], "unknown system 'nope'"),

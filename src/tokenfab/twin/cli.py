@@ -339,7 +339,7 @@ class _Run:
             samples = sim.pool_sizes
             end = max((r.finished or 0.0) for r in records) if records else 0.0
             if samples[-1].t < end:
-                samples = [*samples, sim._sample(end)]
+                samples = [*samples, sim.sample_pools(end)]
             doc["pool_sizes"] = samples
         else:
             w = self.config.workers

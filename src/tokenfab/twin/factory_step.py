@@ -119,21 +119,25 @@ class FactoryStepTime(LinearStepTime):
         m = self.model
         assert m is not None and self.system is not None
         per_key_bytes = m.kv_elems_per_token_layer() * BYTES[self.layout.kv_dtype]
-        pre_flops, dec_flops = _core_flops_per_key(m, False), _core_flops_per_key(m, True)
+        # Keys a query attends: its context, unless sliding windows or sparse top-k cap it.
+        plain = not m.sparse_topk and not (m.n_sliding_attn and m.sliding_window)
         tokens = seqs = 0
-        flops = kv_bytes = 0.0
+        dec_keys = pre_keys = read_keys = 0.0
         prefill = False
         for c in batch.chunks:
             n, s = len(c.token_ids), c.start_pos
             tokens += n
-            seqs += 1 if c.sample else 0
+            seqs += c.sample
+            ks = s if plain else _keys_full(m, s)
+            read_keys += ks  # the cached context is read once per chunk
             if n == 1:
-                flops += dec_flops * _keys_full(m, s)
+                dec_keys += ks
             else:
                 prefill = True
                 # causal: the chunk's queries see the cached context plus half the chunk
-                flops += n * pre_flops * _keys_full(m, s + n / 2.0)
-            kv_bytes += _keys_full(m, s) * per_key_bytes  # the cached context is read once
+                pre_keys += n * (s + n / 2.0 if plain else _keys_full(m, s + n / 2.0))
+        flops = _core_flops_per_key(m, True) * dec_keys + _core_flops_per_key(m, False) * pre_keys
+        kv_bytes = read_keys * per_key_bytes
         if tokens == 0:
             return 0.0
         work = StepWork(

@@ -135,7 +135,7 @@ class PoolSimulator(Simulator):
             initial_state(planner.config, planner.capacity) if planner else None
         )
         self.planner_decisions: list[tuple[float, Decision]] = []
-        self.pool_sizes: list[PoolSample] = [self._sample(0.0)]
+        self.pool_sizes: list[PoolSample] = [self.sample_pools(0.0)]
         self._prev_reports: dict[str, LoadReport] = {}
         self._latency = LatencySums()
         self._reported = LatencySums()
@@ -149,7 +149,7 @@ class PoolSimulator(Simulator):
         cap = self.pools.decode_max_prefill_tokens if role == "decode" else None
         self.workers[wid].core.set_prefill_budget(cap)
 
-    def _sample(self, t: float) -> PoolSample:
+    def sample_pools(self, t: float) -> PoolSample:
         roles = list(self.roles.values())
         return PoolSample(t, roles.count("prefill"), roles.count("decode"), len(self.draining))
 
@@ -288,7 +288,7 @@ class PoolSimulator(Simulator):
                 continue  # a prefill it ran is still being pulled
             self.draining.discard(wid)
             self._set_role(wid, self._moving.pop(wid))
-            self.pool_sizes.append(self._sample(self.clock.now()))
+            self.pool_sizes.append(self.sample_pools(self.clock.now()))
 
     def _latencies(self) -> tuple[float | None, float | None]:
         """Mean TTFT and ITL (ms) of the interval, as the planner reads them from the
@@ -339,7 +339,7 @@ class PoolSimulator(Simulator):
                 self.draining.add(d.worker_id)
                 self._moving[d.worker_id] = d.to_role
         self._check_drained()
-        self.pool_sizes.append(self._sample(now))
+        self.pool_sizes.append(self.sample_pools(now))
 
 
 def step_capacity(
