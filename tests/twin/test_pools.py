@@ -104,6 +104,13 @@ def test_a_load_shift_to_prefill_moves_a_decode_worker_to_the_prefill_pool() -> 
     # the moved worker drained first: it was draining at a tick before it switched
     assert any(s.draining for s in sim.pool_sizes)
     assert sim.roles[moves[0][1].worker_id] == "prefill"
+    # drain, then switch: nothing new reaches the worker between the move and its switch
+    for (t_move, move), (t_switch, wid, role) in zip(moves, sim.switches, strict=True):
+        assert wid == move.worker_id and role == "prefill" and t_switch > t_move
+        during = [r for r in sim.records.values() if t_move <= r.arrival < t_switch]
+        assert during and all(r.worker_id != wid for r in during)
+        assert all(x.prefill_worker != wid for x in sim.transfers if x.request_id in
+                   {r.request_id for r in during})  # fmt: skip
     assert all(r.finished is not None for r in sim.records.values())
 
 

@@ -102,6 +102,8 @@ class _Remote:
     prefill_worker: str
     decode_worker: str
     hashes: list[int]
+    pulled: bool = False
+    """The decode worker has the blocks (the prefill worker's hold is released)."""
 
 
 class PoolSimulator(Simulator):
@@ -135,6 +137,8 @@ class PoolSimulator(Simulator):
             initial_state(planner.config, planner.capacity) if planner else None
         )
         self.planner_decisions: list[tuple[float, Decision]] = []
+        self.switches: list[tuple[float, str, WorkerRole]] = []
+        """(virtual time, worker, new role) of every role switch, once drained."""
         self.pool_sizes: list[PoolSample] = [self.sample_pools(0.0)]
         self._prev_reports: dict[str, LoadReport] = {}
         self._latency = LatencySums()
@@ -256,6 +260,7 @@ class PoolSimulator(Simulator):
     def _transferred(self, src: _Worker, held: list[int], have: int, rem: _Remote) -> None:
         """The blocks are in: the decode worker adopts them and decodes the rest."""
         src.core.kv.unhold(held)
+        rem.pulled = True
         dec = self.workers[rem.decode_worker]
         want = rem.hashes[have : len(held)]
         if want:
@@ -284,10 +289,11 @@ class PoolSimulator(Simulator):
             w = self.workers[wid]
             if w.busy or w.core.has_unfinished() or self.inbound[wid]:
                 continue
-            if any(r.prefill_worker == wid for r in self.remote.values()):
+            if any(r.prefill_worker == wid and not r.pulled for r in self.remote.values()):
                 continue  # a prefill it ran is still being pulled
             self.draining.discard(wid)
             self._set_role(wid, self._moving.pop(wid))
+            self.switches.append((self.clock.now(), wid, self.roles[wid]))
             self.pool_sizes.append(self.sample_pools(self.clock.now()))
 
     def _latencies(self) -> tuple[float | None, float | None]:
