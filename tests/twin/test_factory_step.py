@@ -60,6 +60,7 @@ def test_sliding_window_moe_and_mla_models_match_the_factory_too(model: str, tp:
         (["--system", "nope", "--model", MODEL], "unknown system 'nope'"),
         (["--system", GPU, "--model", "nope"], "unknown model 'nope'"),
         (["--system", GPU], "--system and --model go together"),
+        (["--system", GPU, "--model", MODEL, "--backend", "tgi"], "unknown backend 'tgi'"),
         (["--planner"], "--disagg"),
         (["--disagg", "2x3"], "P:D"),
     ],

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from tokenfab.engine.core.batch import StepBatch
 from tokenfab.factory.catalog import System, get_system
 from tokenfab.factory.modelspec import ModelSpec, load_model_spec
-from tokenfab.factory.params import bundled_calibration
+from tokenfab.factory.params import bundled_calibration, bundled_raw
 from tokenfab.factory.perf import (
     BYTES,
     Calibration,
@@ -77,6 +77,9 @@ class FactoryStepTime(LinearStepTime):
         why = layout.check()
         if why is not None:
             raise ValueError(f"layout tp={tp} {precision}: {why}")
+        known = sorted(bundled_raw().get("backends", {}))
+        if backend is not None and backend not in known:
+            raise ValueError(f"unknown backend {backend!r}; calibrated: {', '.join(known)}")
         cal = bundled_calibration(backend)
         base, per_pre, per_seq, per_ctx = _fit(spec, gpu, layout, cal)
         return cls(
