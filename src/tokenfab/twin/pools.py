@@ -117,6 +117,9 @@ class PoolSimulator(Simulator):
         workers = pools.prefill + pools.decode
         if config.workers != workers:
             raise ValueError(f"{workers} workers in the pools, {config.workers} in the config")
+        if config.fast_decode:
+            # imported blocks would land in the middle of a planned decode run's allocation
+            raise ValueError("--fast-decode does not combine with --disagg (step by step only)")
         interval = planner.config.interval_s if planner else 10.0
         super().__init__(
             config, step_time, tick=self._plan if planner else None, tick_interval_s=interval
