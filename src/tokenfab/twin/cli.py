@@ -162,7 +162,9 @@ def twin(
         if pools is not None:
             workers = pools[0] + pools[1]
         blocks = kv_blocks or _default_kv_blocks(step_time, block_tokens)
-        fleet = model_kind == "fleet" or (model_kind == "auto" and workers > 100)
+        fleet = model_kind == "fleet" or (
+            model_kind == "auto" and workers > 100 and pools is None and plot is None
+        )
         if fleet and pools is not None:
             raise ValueError("--disagg runs on the step model (--model-kind step)")
         if fleet and plot is not None:
