@@ -40,7 +40,7 @@ from tokenfab.protocol import (
     StatsRequest,
     WorkerInfo,
 )
-from tokenfab.router.disagg import DisaggConfig, should_prefill_remotely
+from tokenfab.router.disagg import DisaggConfig, route_disagg
 from tokenfab.router.health import Drain, HealthConfig, HealthMonitor
 from tokenfab.router.router import NoWorkerError, RouteDecision, Router, RouterConfig
 from tokenfab.runtime import (
@@ -386,15 +386,18 @@ class WorkerPool:
         """Decode worker by load and its own cached prefix; a prefill worker by KV overlap
         unless `disagg.remote_prefill` says prefilling on the decode worker is better."""
         rid, n = request.request_id, len(request.prompt_token_ids)
-        hashes = self.hashes(request)
-        decision = self.route_hashes(rid, hashes, n, candidates=decoders)
-        uncached = n - decision.predicted_hit_tokens
-        if not should_prefill_remotely(self.disagg, uncached):
-            return decision.worker_id, request
-        pre = self.route_hashes(f"{rid}#prefill", hashes, n, candidates=prefillers)
-        queued = self.router.worker_load(pre.worker_id).queued_prefill_tokens - n  # minus ours
-        if not should_prefill_remotely(self.disagg, uncached, queued):
-            self.router.on_request_finished(pre.request_id)
+        decision, pre = route_disagg(
+            lambda r, h, k, c: self.route_hashes(r, list(h), k, candidates=c),
+            self.router.worker_load,
+            self.router.on_request_finished,
+            self.disagg,
+            rid,
+            self.hashes(request),
+            n,
+            decoders,
+            prefillers,
+        )
+        if pre is None:
             return decision.worker_id, request
         hint = RemotePrefill(
             worker_id=pre.worker_id,

@@ -99,7 +99,7 @@ class _Worker:
         """Bumped when a decode run is cut short: its old end event is then stale."""
 
 
-_ARRIVAL, _STEP_END, _TICK, _RUN_END = 0, 1, 2, 3
+_ARRIVAL, _STEP_END, _TICK, _RUN_END, _CALL = 0, 1, 2, 3, 4
 
 
 class Simulator:
@@ -144,6 +144,11 @@ class Simulator:
     def _push(self, t: float, kind: int, payload: object) -> None:
         heapq.heappush(self._queue, (t, next(self._order), kind, payload))
 
+    def at(self, t: float, call: Callable[[], None]) -> None:
+        """Call `call` at virtual time `t` (in order with the other events): the seam for
+        what a subclass adds, e.g. a KV transfer ending."""
+        self._push(t, _CALL, call)
+
     def run(
         self,
         requests: Iterable[RequestSpec],
@@ -177,6 +182,9 @@ class Simulator:
             elif kind == _RUN_END:
                 assert isinstance(payload, tuple)
                 self._run_end(*payload)
+            elif kind == _CALL:
+                assert callable(payload)
+                payload()
             else:
                 assert self.tick is not None
                 self.tick(self)
